@@ -1,0 +1,89 @@
+"""Start the LLaVA Chart Studio.
+
+    python app.py                                   # demo model, http://127.0.0.1:7860
+    python app.py --base llava-hf/llava-1.5-7b-hf --adapter workspace/runs/my-run/adapter
+    STUDIO_AUTH=me:secret python app.py --host 0.0.0.0   # exposed: a login is required
+
+With no --base, the tiny LLaVA built in code is used (made under WORKSPACE/models on first start, with
+a small LoRA adapter trained on a few synthetic charts), so the studio works offline, on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+DEMO = "demo"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="LLaVA fine-tuning and evaluation studio for chart QA.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--workspace", default="workspace", help="folder for datasets, runs, evals and jobs")
+    p.add_argument("--base", default=DEMO, help="base model: a local folder or a hub id "
+                   "(e.g. llava-hf/llava-1.5-7b-hf); 'demo' builds the tiny offline model")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder for side B of Compare "
+                   "(default with --base demo: the demo adapter)")
+    p.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"),
+                   help="USER:PASSWORD login (or env STUDIO_AUTH); required when --host is not loopback")
+    return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("--auth / STUDIO_AUTH must be USER:PASSWORD")
+    return user, password
+
+
+def prepare_models(workspace: Path, base: str, adapter: str | None) -> tuple[str, str | None]:
+    """Resolve 'demo' to the built-in tiny model (building it and its adapter when missing)."""
+    if base != DEMO:
+        return base, adapter
+    from eval.demo import ensure_demo_model
+    from training.demo import ensure_demo_adapter
+
+    base_dir = ensure_demo_model(workspace / "models" / "demo-llava")
+    if adapter is None:
+        print("Preparing the demo adapter (first start only)...", flush=True)
+        adapter = str(ensure_demo_adapter(workspace, base_dir))
+    return str(base_dir), adapter
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    auth = parse_auth(args.auth)
+    if not is_loopback(args.host) and auth is None:
+        sys.exit(f"Refusing to listen on {args.host} without a login: set --auth USER:PASSWORD or STUDIO_AUTH.")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    workspace = Path(args.workspace).resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+    base, adapter = prepare_models(workspace, args.base, args.adapter)
+
+    from studio.app import CSS, build_app
+    from studio.context import Studio
+
+    studio = Studio(workspace=workspace, base=base, adapter=adapter)
+    print(f"Base model: {base}" + (f"\nAdapter:    {adapter}" if adapter else ""), flush=True)
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=args.host, server_port=args.port, share=False, auth=auth, css=CSS,
+               show_error=True, inbrowser=False)
+
+
+if __name__ == "__main__":
+    main()

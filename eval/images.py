@@ -1,0 +1,92 @@
+"""Opening user images safely: anything PIL can decode, in any mode, never a decompression bomb."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+MAX_PIXELS = 40_000_000      # ~6k x 6k; larger images are refused before decoding
+MAX_BYTES = 50 * 1024 * 1024
+
+
+class ImageError(ValueError):
+    """The input is not an image we can use; the message says why, for the user."""
+
+
+def load_image(source, max_pixels: int = MAX_PIXELS):
+    """Return an RGB PIL image from a path, bytes or PIL image. Transparent images are laid on
+    white (charts are drawn on white), CMYK / 16-bit / grayscale / palette images are converted."""
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise ImageError(f"image not found: {path}")
+            if path.stat().st_size > MAX_BYTES:
+                raise ImageError(f"image file is {path.stat().st_size // 2**20} MB; the limit is {MAX_BYTES // 2**20} MB")
+            data = path.read_bytes()
+        elif isinstance(source, (bytes, bytearray)):
+            data = bytes(source)
+        else:
+            raise ImageError(f"expected an image path, bytes or PIL image, got {type(source).__name__}")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Exception:
+            raise ImageError("not an image PIL can read (corrupt, or another file type)") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.0f} MP; the limit is {max_pixels / 1e6:.0f} MP "
+                         "(this guards against decompression bombs)")
+    if w < 1 or h < 1:
+        raise ImageError("image has no pixels")
+    try:
+        img.load()
+    except Exception as e:
+        raise ImageError(f"image data is truncated or corrupt ({e})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img):
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16/32-bit grayscale: scale to 8 bits
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() or 1.0
+        return Image.fromarray((arr * (255.0 / top)).astype("uint8")).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def pad_to_square(img, fill=None):
+    """LLaVA's `image_aspect_ratio pad`: centre the image on a square of its mean colour, so the
+    processor's resize+crop keeps the whole chart instead of cutting its sides."""
+    from PIL import Image, ImageStat
+
+    w, h = img.size
+    if w == h:
+        return img
+    if fill is None:
+        fill = tuple(int(c) for c in ImageStat.Stat(img).mean[:3])
+    side = max(w, h)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(img, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def downsize(img, max_side: int):
+    """Shrink (never enlarge) so the longer side is at most `max_side`."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    scale = max_side / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))))
