@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 MAX_PIXELS = 40_000_000      # ~6k x 6k; larger images are refused before decoding
@@ -32,7 +33,11 @@ def load_image(source, max_pixels: int = MAX_PIXELS):
         else:
             raise ImageError(f"expected an image path, bytes or PIL image, got {type(source).__name__}")
         try:
-            img = Image.open(io.BytesIO(data))
+            with warnings.catch_warnings():     # our own limit below says it more plainly
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise ImageError("image is too large to decode safely (possible decompression bomb)") from None
         except Exception:
             raise ImageError("not an image PIL can read (corrupt, or another file type)") from None
     w, h = img.size
