@@ -1,0 +1,136 @@
+"""Command line for benchmark runs, comparisons, reports and the tiny demo model.
+
+    python -m eval run --data workspace/datasets/demo --split test --model local:workspace/models/demo-llava \
+        --out workspace/evals/demo [--limit 100]
+    python -m eval run --data "ChartQA Dataset/test" --model openai:http://localhost:8000/v1#llava --out evals/chartqa
+    python -m eval compare workspace/evals/demo/demo-llava workspace/evals/demo/demo-llava+r1-adapter --out paired.json
+    python -m eval report workspace/evals/demo
+    python -m eval demo-model --out workspace/models/demo-llava
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _progress_bar(done: int, total: int, info: dict) -> None:
+    width = 30
+    filled = int(width * done / total) if total else width
+    eta = info.get("eta_s")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"
+    rate = info.get("samples_per_s")
+    rate_text = f"{rate:.2f}/s" if rate else "-/s"
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {info.get('model', '')} "
+                     f"{rate_text} ETA {eta_text} ")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def cmd_run(args) -> int:
+    from eval.run import run_eval
+    summaries = run_eval(args.data, args.model, args.out, split=args.split, images=args.images, limit=args.limit,
+                         prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, concurrency=args.concurrency, metrics=tuple(args.metrics),
+                         on_progress=None if args.quiet else _progress_bar)
+    metrics = list(args.metrics)
+    print(f"{'model':40s} {'n':>6s} " + " ".join(f"{m:>12s}" for m in metrics) + f" {'samples/s':>10s}")
+    for s in summaries:
+        rate = s["timing"]["samples_per_s"]
+        print(f"{s['slug'][:40]:40s} {s['n']:6d} " + " ".join(f"{s['overall'][m]:12.2f}" for m in metrics)
+              + f" {rate if rate is not None else '-':>10}")
+    print(f"written to {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from charts.io import atomic_write_json
+    from eval.paired import compare_runs, format_paired
+    result = compare_runs(args.run_a, args.run_b, metric=args.metric, n_boot=args.resamples, seed=args.seed)
+    print(format_paired(result))
+    if args.out:
+        out = Path(args.out)
+        out = out / "paired.json" if out.suffix != ".json" else out
+        atomic_write_json(out, result)
+        print(f"written to {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from eval.report import write_reports
+    for path in write_reports(args.eval_dir, args.out, metric=args.metric).values():
+        print(path)
+    return 0
+
+
+def cmd_demo_model(args) -> int:
+    from eval.demo import build_demo_model
+    print(build_demo_model(args.out, seed=args.seed))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eval.metrics import DEFAULT_METRICS, METRICS
+    from eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX
+
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="score models on a question set")
+    run.add_argument("--data", required=True, help="dataset folder, ChartQA-style JSON/JSONL (or ChartQA's test "
+                                                   "folder), or a LLaVA-format file")
+    run.add_argument("--split", help="test / val / train for our datasets; human / augmented for ChartQA")
+    run.add_argument("--images", help="image folder for ChartQA-style files (default: png/ beside the file)")
+    run.add_argument("--model", action="append", required=True,
+                     help="local:PATH, local:PATH+ADAPTER, sagemaker:ENDPOINT, openai:URL#MODEL (repeatable; "
+                          "the first is the baseline of reports)")
+    run.add_argument("--out", required=True, help="output folder, e.g. workspace/evals/NAME")
+    run.add_argument("--limit", type=int, help="first N questions only")
+    run.add_argument("--prompt-suffix", default=DEFAULT_SUFFIX, help="appended to each question (default: %(default)r)")
+    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    run.add_argument("--batch-size", type=int, help="requests per generate call (default: the backend's max_batch "
+                                                    "for local models, 1 for endpoints)")
+    run.add_argument("--concurrency", type=int, help="requests in flight for endpoints (default 4)")
+    run.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(METRICS))
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    compare = sub.add_parser("compare", help="paired comparison of two model runs on the same questions")
+    compare.add_argument("run_a", help="baseline: a model folder (with samples.jsonl) or a samples.jsonl")
+    compare.add_argument("run_b")
+    compare.add_argument("--metric", default="relaxed_ref")
+    compare.add_argument("--resamples", type=int, default=2000)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", help="paired.json path or folder")
+    compare.set_defaults(func=cmd_compare)
+
+    report = sub.add_parser("report", help="CSV + JSON + one self-contained HTML file for an eval folder")
+    report.add_argument("eval_dir")
+    report.add_argument("--out", help="folder for the reports (default: the eval folder)")
+    report.add_argument("--metric", default="relaxed_ref", help="metric of the paired comparison")
+    report.set_defaults(func=cmd_report)
+
+    demo = sub.add_parser("demo-model", help="build the tiny LLaVA used by tests and the offline demo")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from eval.run import DatasetError, RunMismatch
+    from eval.images import ImageError
+    try:
+        return args.func(args)
+    except (DatasetError, RunMismatch, ImageError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
