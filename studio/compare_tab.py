@@ -1,0 +1,178 @@
+"""Compare tab: one image and question to two models side by side, both streaming at once.
+
+Each side is a model ref (local:BASE, local:BASE+ADAPTER, sagemaker:ENDPOINT, openai:URL#MODEL); the
+logic lives in eval.compare, the callbacks here only turn its results into component values.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import gradio as gr
+
+from eval import compare
+from eval.images import ImageError, load_image
+from eval.protocol import Request
+from studio.context import Studio
+
+BACKEND_HELP = {"local": "a hub id or folder, or BASE+ADAPTER_DIR", "sagemaker": "an endpoint name",
+                "openai": "URL#MODEL, e.g. http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf"}
+
+
+def _choices(studio: Studio, kind: str) -> list[str]:
+    return [c for c in compare.model_choices(studio.workspace, studio.base, studio.adapter) if c.startswith(kind + ":")]
+
+
+def _datasets(studio: Studio) -> list[str]:
+    try:
+        from charts import list_datasets
+        return list_datasets(studio.workspace)
+    except ImportError:
+        return []
+
+
+def _side_panel(studio: Studio, label: str, default: str):
+    with gr.Column():
+        kind = gr.Radio(list(compare.KINDS), value=default.split(":", 1)[0], label=f"Side {label} backend")
+        model = gr.Dropdown(_choices(studio, "local") + compare.endpoint_refs(studio.workspace), value=default,
+                            allow_custom_value=True, label=f"Side {label} model",
+                            info="pick, or type " + "; ".join(f"{k}: {v}" for k, v in BACKEND_HELP.items()))
+        answer = gr.Textbox(label=f"Answer {label}", lines=4, interactive=False, elem_classes="answer")
+        verdict = gr.Markdown()
+        stats = gr.Markdown()
+    return kind, model, answer, verdict, stats
+
+
+def build(studio: Studio) -> dict:
+    default_a = f"local:{studio.base}"
+    default_b = f"local:{studio.base}+{studio.adapter}" if studio.adapter else default_a
+    datasets = _datasets(studio)
+    result = gr.State({})
+    with gr.Row():
+        kind_a, side_a, answer_a, verdict_a, stats_a = _side_panel(studio, "A", default_a)
+        kind_b, side_b, answer_b, verdict_b, stats_b = _side_panel(studio, "B", default_b)
+    with gr.Row():
+        image = gr.Image(type="filepath", label="Chart", height=320, scale=2)
+        with gr.Column(scale=3):
+            question = gr.Textbox(label="Question", lines=2, max_lines=6,
+                                  placeholder="e.g. What is the value of the highest bar?")
+            gold = gr.Markdown()
+            example = gr.State({})
+            with gr.Row():
+                dataset = gr.Dropdown(datasets, value=datasets[0] if datasets else None, allow_custom_value=True,
+                                      label="Dataset for examples", scale=3)
+                random_button = gr.Button("🎲 Random example", scale=1)
+            with gr.Row():
+                max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            with gr.Row():
+                run = gr.Button("Compare", variant="primary")
+                regenerate = gr.Button("Regenerate")
+                stop = gr.Button("Stop")
+    with gr.Row():
+        votes = [gr.Button(v, size="sm") for v in compare.VOTES]
+        note = gr.Textbox(placeholder="note (optional)", show_label=False, scale=3)
+    vote_status = gr.Markdown()
+    with gr.Row():
+        export_button = gr.Button("Export HTML", size="sm")
+        export_file = gr.File(label="Export", interactive=False)
+    with gr.Accordion("Batch: one question (or each example's own) over N random dataset examples", open=False):
+        with gr.Row():
+            batch_n = gr.Number(10, precision=0, minimum=1, maximum=500, label="Examples")
+            batch_seed = gr.Number(0, precision=0, label="Seed")
+            batch_question = gr.Textbox(label="Question for all (empty: each example's own, scored)", scale=3)
+            batch_run = gr.Button("Run batch", variant="primary")
+        batch_status = gr.Markdown()
+        batch_table = gr.Dataframe(interactive=False, wrap=True)
+
+    # ---- callbacks ----
+    def pick_kind(kind):
+        choices = _choices(studio, kind) if kind == "local" else \
+            [c for c in compare.endpoint_refs(studio.workspace) if c.startswith(kind + ":")]
+        return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
+
+    def random_example(name):
+        if not name:
+            return gr.update(), gr.update(), "pick a dataset (workspace/datasets is empty?)", {}
+        try:
+            from charts import random_example as draw
+            ex = draw(studio.path("datasets", name) if "/" not in name else name, random.Random(time.time_ns()))
+        except Exception as e:           # noqa: BLE001 - a message, not a crash
+            return gr.update(), gr.update(), f"cannot draw an example: {e}", {}
+        golds = " | ".join(map(str, ex.get("answers", [])))
+        return ex["image"], ex["question"], f"**Gold:** {golds} · {ex.get('chart_type', '')} · {ex.get('family', '')}", ex
+
+    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex):
+        try:
+            q = compare.check_question(q)
+            img = load_image(img_path) if img_path else None
+        except (ValueError, ImageError) as e:
+            yield ("", "", f"**{e}**", "", "", f"**{e}**", {})
+            return
+        golds = list(map(str, ex.get("answers", []))) if ex and ex.get("question") == q else []
+        refs = []
+        for ref, kind in ((ref_a, kind_a_), (ref_b, kind_b_)):
+            try:
+                refs.append(compare.to_ref(ref, kind, studio.base))
+            except ValueError:
+                refs.append("")           # that side reports "pick a model"; the other still runs
+        request = Request(img, q, max_new_tokens=int(max_new), temperature=float(temp))
+        settings = {"max_new_tokens": int(max_new), "temperature": float(temp)}
+        for sides in compare.compare_stream(refs, request):
+            out = []
+            for s in sides:
+                text = s.text if not s.error else ""
+                out += [text, compare.verdict(s.text, golds) if s.done and not s.error else "",
+                        (f"**{s.error}**\n\n" if s.error else "") + s.stats()]
+            state = {"question": q, "image": img_path, "example_id": ex.get("id") if golds else None,
+                     "gold": golds, "settings": settings,
+                     "sides": [{"ref": s.ref, "name": s.name, "text": s.text, "error": s.error, "stats": s.stats(),
+                                "verdict": out[3 * i + 1]} for i, s in enumerate(sides)]}
+            yield (*out, state)
+
+    def vote(label, note_text, res):
+        try:
+            compare.record_vote(studio.workspace, label, note_text or "", res)
+            return f"vote recorded: **{label}** → {studio.path('votes.jsonl')}", ""
+        except ValueError as e:
+            return f"**{e}**", note_text
+
+    def export(res):
+        if not res:
+            return None
+        img = load_image(res["image"]) if res.get("image") else None
+        path = studio.path("exports", f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(compare.export_html(res, img), encoding="utf-8")
+        return str(path)
+
+    def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, progress=gr.Progress()):
+        try:
+            examples = compare.sample_examples(studio.path("datasets", name) if "/" not in (name or "") else name,
+                                               int(n), int(seed))
+            refs = [compare.to_ref(ref_a, kind_a_, studio.base), compare.to_ref(ref_b, kind_b_, studio.base)]
+            q = compare.check_question(q) if q and q.strip() else None
+        except Exception as e:           # noqa: BLE001
+            return f"**{e}**", None
+        rows = compare.batch_compare(refs, examples, q, int(max_new),
+                                     on_progress=lambda side, done, total: progress(done / total, desc=f"side {side}"))
+        import pandas as pd
+        return f"{len(rows)} examples · A = {refs[0]} · B = {refs[1]}", pd.DataFrame(rows)
+
+    # ---- wiring ----
+    kind_a.change(pick_kind, inputs=kind_a, outputs=side_a)
+    kind_b.change(pick_kind, inputs=kind_b, outputs=side_b)
+    random_button.click(random_example, inputs=dataset, outputs=[image, question, gold, example])
+    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example]
+    outputs = [answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b, result]
+    runs = [button.click(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
+            for button in (run, regenerate)]
+    question.submit(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    stop.click(None, cancels=runs)
+    for button in votes:
+        button.click(vote, inputs=[button, note, result], outputs=[vote_status, note])
+    export_button.click(export, inputs=result, outputs=export_file)
+    batch_run.click(run_batch, inputs=[dataset, batch_n, batch_seed, batch_question, side_a, side_b, kind_a, kind_b,
+                                       max_new_tokens], outputs=[batch_status, batch_table])
+    return {"side_a": side_a, "side_b": side_b, "image": image, "question": question,
+            "kind_a": kind_a, "kind_b": kind_b, "answer_a": answer_a, "answer_b": answer_b, "run": run}

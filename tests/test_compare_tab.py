@@ -1,0 +1,71 @@
+"""The Compare tab in a running Gradio app, driven through gradio_client on loopback."""
+import socket
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(demo_model, tmp_path_factory):
+    import charts
+    from studio import compare_tab
+    from studio.context import Studio
+    from test_local_backend import make_adapter
+
+    workspace = tmp_path_factory.mktemp("workspace")
+    make_adapter(demo_model, workspace / "runs" / "r1" / "adapter")
+    charts.generate(4, seed=0, out_dir=workspace / "datasets" / "tiny", workers=1)
+    studio = Studio(workspace, str(demo_model), str(workspace / "runs" / "r1" / "adapter"))
+    with gr.Blocks() as demo:
+        with gr.Tab("Compare"):
+            parts = compare_tab.build(studio)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield demo, parts, studio, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_build_returns_the_components_other_tabs_wire_to(app):
+    _, parts, studio, _ = app
+    assert {"side_a", "side_b", "image", "question"} <= set(parts)
+    assert parts["side_a"].value == f"local:{studio.base}"
+    assert parts["side_b"].value == f"local:{studio.base}+{studio.adapter}"
+
+
+def test_compare_streams_both_sides_and_votes_and_exports(app):
+    from gradio_client import Client, handle_file
+
+    _, _, studio, url = app
+    client = Client(url, verbose=False)
+    image, question, gold = client.predict("tiny", api_name="/random_example")
+    assert "Gold" in gold and question
+    out = client.predict(handle_file(image["path"] if isinstance(image, dict) else image), question,
+                         f"local:{studio.base}", f"local:{studio.base}+{studio.adapter}", "local", "local", 8, 0.0,
+                         api_name="/run_compare")
+    answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b = out[:6]
+    assert answer_a and answer_b and answer_a != answer_b
+    assert "tok/s" in stats_a and "tok/s" in stats_b
+    status, _ = client.predict("A better", "looks right", api_name="/vote")
+    assert "vote recorded" in status and (studio.workspace / "votes.jsonl").exists()
+    exported = client.predict(api_name="/export")
+    assert exported
+
+
+def test_errors_show_on_their_own_side(app):
+    from gradio_client import Client
+
+    _, _, studio, url = app
+    client = Client(url, verbose=False)
+    out = client.predict(None, "what is the total", f"local:{studio.base}+/no/such/adapter", f"local:{studio.base}",
+                         "local", "local", 4, 0.0, api_name="/run_compare")
+    assert "adapter folder not found" in out[2] and out[3]
+    out = client.predict(None, "x" * 20000, f"local:{studio.base}", f"local:{studio.base}", "local", "local", 4, 0.0,
+                         api_name="/run_compare")
+    assert "limit is 4,000" in out[2] and "limit is 4,000" in out[5]
