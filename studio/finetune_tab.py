@@ -1,0 +1,190 @@
+"""Fine-tune tab: a form generated from TrainConfig, launch locally or on SageMaker, watch jobs.
+
+Thin UI: every callback calls training.config / training.launchers / training.sagemaker and formats
+the result. The form has one input per TrainConfig field (label = CLI flag, info = the field's help).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from studio.context import Studio
+from training.config import PRESETS, TrainConfig, command, form_fields, preset
+from training.launchers import LocalLauncher, all_jobs, read_jobs, read_metrics
+from training.sagemaker import SageMakerLauncher, SageMakerSettings
+
+JOB_COLUMNS = ["id", "kind", "status", "mode", "step", "loss", "eval_loss", "eval_relaxed_accuracy", "created"]
+FIELDS = form_fields()
+SKIPPED = {"output_dir"}          # chosen by the launcher (runs/NAME)
+
+
+def _input(f: dict):
+    label, info = f"{f['flag']}", f["help"]
+    if f["choices"]:
+        return gr.Dropdown(list(f["choices"]), value=f["default"], label=label, info=info)
+    if f["type"] is bool:
+        return gr.Checkbox(value=f["default"], label=label, info=info)
+    if f["type"] in (int, float):
+        return gr.Number(value=f["default"], label=label, info=info, precision=0 if f["type"] is int else None)
+    return gr.Textbox(value=f["default"], label=label, info=info)
+
+
+def _config(names: list[str], values) -> TrainConfig:
+    return TrainConfig.from_dict({n: v for n, v in zip(names, values) if v is not None})
+
+
+def _settings(role, bucket, region, instance_type, count, spot, hours) -> SageMakerSettings:
+    hours = float(hours or 24)
+    return SageMakerSettings(role=role.strip(), bucket=bucket.strip(), region=region.strip() or "us-east-1",
+                             instance_type=instance_type, instance_count=int(count or 1), spot=bool(spot),
+                             max_runtime_s=int(hours * 3600), max_wait_s=int(hours * 3600 * 1.5))
+
+
+def _jobs_table(workspace: Path):
+    import pandas as pd
+
+    rows = all_jobs(workspace, refresh=True)
+    for r in rows:
+        r["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0)))
+    return pd.DataFrame([{c: r.get(c) for c in JOB_COLUMNS} for r in rows], columns=JOB_COLUMNS)
+
+
+def _curves(job: dict | None):
+    """Long-form DataFrame (step, value, metric) for one gr.LinePlot with a colour per metric."""
+    import pandas as pd
+
+    rows = read_metrics(job["output_dir"]) if job and job.get("output_dir") else []
+    points = [{"step": r["step"], "value": r[k], "metric": k} for r in rows
+              for k in ("loss", "eval_loss", "eval_relaxed_accuracy") if r.get(k) is not None]
+    return pd.DataFrame(points, columns=["step", "value", "metric"])
+
+
+def build(studio: Studio) -> dict:
+    workspace = studio.workspace
+    names = [f["name"] for f in FIELDS if f["name"] not in SKIPPED]
+    with gr.Row():
+        preset_box = gr.Dropdown(["(defaults)"] + list(PRESETS), value="demo-cpu", label="Preset")
+        dataset_box = gr.Dropdown(_datasets(workspace), label="Dataset (workspace/datasets/*)", allow_custom_value=True)
+        run_name = gr.Textbox(label="Run name (runs/NAME-timestamp)", placeholder="optional")
+    inputs: dict[str, gr.components.Component] = {}
+    groups = {}
+    for f in FIELDS:
+        groups.setdefault(f["group"], []).append(f)
+    for group, fields in groups.items():
+        with gr.Accordion(f"{group} settings", open=group in ("data", "recipe")):
+            with gr.Row(equal_height=False):
+                for f in fields:
+                    if f["name"] not in SKIPPED:
+                        inputs[f["name"]] = _input(f)
+    with gr.Row():
+        yaml_path = gr.Textbox(label="YAML file", value=str(workspace / "configs" / "run.yaml"))
+        save_btn, load_btn, cmd_btn = gr.Button("Save YAML"), gr.Button("Load YAML"), gr.Button("Show command")
+    cmd_out = gr.Code(label="Command / messages", language="shell")
+    with gr.Accordion("Where it runs", open=True):
+        with gr.Row():
+            target = gr.Radio(["local", "sagemaker"], value="local", label="Target")
+            gpus = gr.Number(value=1, precision=0, label="Local GPUs (torchrun when > 1)")
+        with gr.Row():
+            role = gr.Textbox(label="SageMaker role ARN")
+            bucket = gr.Textbox(label="S3 bucket")
+            region = gr.Textbox(value="us-east-1", label="Region")
+            instance_type = gr.Dropdown(["ml.g5.2xlarge", "ml.g5.12xlarge", "ml.g6e.2xlarge", "ml.g6e.12xlarge",
+                                         "ml.p4d.24xlarge"], value="ml.g5.2xlarge", label="Instance type",
+                                        allow_custom_value=True)
+            count = gr.Number(value=1, precision=0, label="Instances")
+            spot = gr.Checkbox(value=True, label="Spot")
+            hours = gr.Number(value=24, label="Max runtime (hours)")
+        with gr.Row():
+            estimate_btn, launch_btn = gr.Button("Estimate cost"), gr.Button("Launch", variant="primary")
+    jobs = gr.Dataframe(_jobs_table(workspace), label="Jobs", interactive=False)
+    with gr.Row():
+        job_box = gr.Dropdown(list(read_jobs(workspace)), label="Job", allow_custom_value=True)
+        refresh_btn, stop_btn = gr.Button("Refresh"), gr.Button("Stop", variant="stop")
+        compare_btn = gr.Button("Compare this checkpoint")
+    compare_adapter = gr.Textbox(label="Adapter of the selected job", interactive=False)
+    plot = gr.LinePlot(_curves(None), x="step", y="value", color="metric", label="loss / eval_loss / accuracy")
+    log = gr.Textbox(label="Log tail", lines=14, max_lines=14, autoscroll=True)
+    timer = gr.Timer(5.0)
+    sm_inputs = [role, bucket, region, instance_type, count, spot, hours]
+    form = [inputs[n] for n in names]
+
+    # ---------------------------------------------------------------- callbacks
+    def apply_preset(name):
+        cfg = preset(name) if name in PRESETS else TrainConfig()
+        return [getattr(cfg, n) for n in names]
+
+    def pick_dataset(name):
+        return str(workspace / "datasets" / name) if name else gr.update()
+
+    def show_command(*values):
+        return command(_config(names, values))
+
+    def save_yaml(path, *values):
+        _config(names, values).to_yaml(path)
+        return f"# saved {path}\n" + command(_config(names, values), path)
+
+    def load_yaml(path):
+        cfg = TrainConfig.from_yaml(Path(path))
+        return [getattr(cfg, n) for n in names]
+
+    def estimate(*sm):
+        return SageMakerLauncher(workspace, _settings(*sm)).estimate()["text"]
+
+    def launch(where, n_gpus, name, *rest):
+        sm, values = rest[:len(sm_inputs)], rest[len(sm_inputs):]
+        try:
+            cfg = _config(names, values)
+            job = (LocalLauncher(workspace).start(cfg, name or None, gpus=int(n_gpus or 1)) if where == "local"
+                   else SageMakerLauncher(workspace, _settings(*sm)).start(cfg, name or None))
+        except Exception as e:           # config / AWS errors are for the user to fix: show them
+            return f"# not launched: {e}", _jobs_table(workspace), gr.update()
+        return f"# launched {job['id']}", _jobs_table(workspace), gr.update(choices=list(read_jobs(workspace)),
+                                                                           value=job["id"])
+
+    def watch(job_id, *sm):
+        job = read_jobs(workspace).get(job_id)
+        if not job:
+            return _curves(None), "", ""
+        launcher = _launcher(workspace, job, sm)
+        try:
+            text = launcher.logs(job, 40)
+        except Exception as e:
+            text = f"(logs unavailable: {e})"
+        adapter = str(Path(job["output_dir"]) / "adapter") if job.get("output_dir") else job.get("output", "")
+        return _curves(job), text, adapter
+
+    def stop(job_id, *sm):
+        job = read_jobs(workspace).get(job_id)
+        if job:
+            _launcher(workspace, job, sm).stop(job)
+        return _jobs_table(workspace)
+
+    # ---------------------------------------------------------------- wiring
+    preset_box.change(apply_preset, preset_box, form)
+    dataset_box.change(pick_dataset, dataset_box, inputs["data"])
+    cmd_btn.click(show_command, form, cmd_out)
+    save_btn.click(save_yaml, [yaml_path] + form, cmd_out)
+    load_btn.click(load_yaml, yaml_path, form)
+    estimate_btn.click(estimate, sm_inputs, cmd_out)
+    launch_btn.click(launch, [target, gpus, run_name] + sm_inputs + form, [cmd_out, jobs, job_box])
+    refresh_btn.click(lambda: _jobs_table(workspace), None, jobs)
+    stop_btn.click(stop, [job_box] + sm_inputs, jobs)
+    job_box.change(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
+    timer.tick(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
+    compare_btn.click(lambda job_id, *sm: watch(job_id, *sm)[2], [job_box] + sm_inputs, compare_adapter)
+    return {"inputs": inputs, "preset": preset_box, "dataset": dataset_box, "jobs": jobs, "job": job_box,
+            "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn,
+            "compare_adapter": compare_adapter, "compare_button": compare_btn}
+
+
+def _datasets(workspace: Path) -> list[str]:
+    from charts import list_datasets
+    return list_datasets(workspace)
+
+
+def _launcher(workspace: Path, job: dict, sm):
+    if job.get("kind") == "sagemaker":
+        return SageMakerLauncher(workspace, _settings(*sm))
+    return LocalLauncher(workspace)

@@ -1,0 +1,290 @@
+"""`TrainConfig`: the one description of a fine-tuning run.
+
+Each field is documented once, in its `help`. From the dataclass come the CLI flags of
+`python -m training.train`, the YAML files (`--config run.yaml`), the Fine-tune tab's form, the
+SageMaker hyperparameters, and the `train_config.yaml` saved beside every adapter:
+
+    cfg = TrainConfig.from_yaml("run.yaml")
+    cfg = parse_args(["--config", "run.yaml", "--lora_r", "64"])      # flags override the file
+    hp = to_hyperparameters(cfg)                                        # and back: from_hyperparameters(hp)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# LoRA goes on the language model's linear layers only: a bare ["q_proj", "v_proj"] would also hit
+# the CLIP tower's attention, which LLaVA keeps frozen.
+LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _f(default, help: str, choices: tuple | None = None, group: str = "run"):
+    meta = {"help": help, "group": group}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on, and where the result goes
+    model: str = _f("llava-hf/llava-1.5-7b-hf", "Base model: a local folder or a Hugging Face hub id.", group="data")
+    data: str = _f("", "Dataset folder with train.jsonl/val.jsonl (LLaVA conversation format) or one .jsonl "
+                       "file; for SageMaker an s3:// prefix (empty: the SM_CHANNEL_TRAIN folder).", group="data")
+    output_dir: str = _f("runs/run", "Run folder: metrics.jsonl, checkpoints/, adapter/.", group="data")
+    overwrite: bool = _f(False, "Start over: replace an adapter already in output_dir (otherwise the run is "
+                                "refused) and ignore its checkpoints.", group="data")
+    # --- recipe
+    mode: str = _f("qlora", "qlora: 4-bit nf4 base + LoRA; lora: bf16 base + LoRA; full: train the whole "
+                            "language model.", choices=("qlora", "lora", "full"), group="recipe")
+    lora_r: int = _f(128, "LoRA rank.", group="recipe")
+    lora_alpha: int = _f(256, "LoRA alpha (scale = alpha / r).", group="recipe")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.", group="recipe")
+    lora_target: str = _f(LM_LINEARS, "Regex (full match) of module names that get LoRA; must not hit the "
+                                      "vision tower.", group="recipe")
+    train_projector: bool = _f(True, "Train the multimodal projector in full (saved inside the adapter).", group="recipe")
+    modules_to_save: str = _f("", "More modules trained in full and saved in the adapter, comma-separated "
+                                  "(e.g. lm_head: the random tiny demo model needs it to sharpen its output).",
+                              group="recipe")
+    learning_rate: float = _f(2e-4, "Peak learning rate of the language model (LoRA) weights.", group="recipe")
+    mm_projector_lr: float = _f(2e-5, "Peak learning rate of the projector.", group="recipe")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", group="recipe")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup.",
+                           choices=("cosine", "linear", "constant_with_warmup"), group="recipe")
+    warmup_ratio: float = _f(0.03, "Fraction of the steps spent warming up.", group="recipe")
+    epochs: float = _f(1.0, "Passes over the training split (ignored when max_steps > 0).", group="recipe")
+    max_steps: int = _f(-1, "Stop after this many optimizer steps (-1: run all epochs).", group="recipe")
+    per_device_batch_size: int = _f(8, "Samples per GPU per forward pass.", group="recipe")
+    grad_accum: int = _f(1, "Forward passes per optimizer step.", group="recipe")
+    max_length: int = _f(2048, "Longest sample in tokens, image tokens included; longer samples are "
+                               "dropped (truncating would cut image tokens or answers).", group="recipe")
+    image_aspect_ratio: str = _f("pad", "pad: centre the chart on a square of its mean colour (LLaVA); "
+                                        "none: let the processor crop.", choices=("pad", "none"), group="recipe")
+    # --- speed and memory
+    bf16: str = _f("auto", "bf16 mixed precision (auto: on when the GPU supports it).",
+                   choices=("auto", "true", "false"), group="speed")
+    tf32: str = _f("auto", "TF32 matmuls on Ampere+ GPUs (auto: on when available).",
+                   choices=("auto", "true", "false"), group="speed")
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: less memory, ~30% slower.", group="speed")
+    group_by_length: bool = _f(True, "Batch samples of similar length together (less padding).", group="speed")
+    attn_implementation: str = _f("sdpa", "Attention kernel passed to from_pretrained.",
+                                  choices=("sdpa", "eager", "flash_attention_2"), group="speed")
+    optim: str = _f("adamw_torch", "Optimizer name as TrainingArguments knows it (e.g. paged_adamw_8bit).", group="speed")
+    deepspeed: str = _f("none", "DeepSpeed ZeRO config shipped in training/deepspeed/ (zero2 for QLoRA; "
+                                "zero3_offload for full runs short of memory).",
+                        choices=("none", "zero2", "zero3_offload"), group="speed")
+    dataloader_workers: int = _f(2, "Processes that load and preprocess images.", group="speed")
+    # --- evaluation, checkpoints, logging
+    eval_steps: int = _f(50, "Evaluate (val loss + relaxed accuracy) every N steps; 0: only at the end.", group="eval")
+    eval_limit: int = _f(100, "Val questions answered by greedy generation at each evaluation.", group="eval")
+    eval_max_new_tokens: int = _f(16, "Tokens generated per val answer.", group="eval")
+    save_steps: int = _f(50, "Checkpoint every N steps.", group="eval")
+    save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted).", group="eval")
+    logging_steps: int = _f(5, "Log loss and learning rate every N steps.", group="eval")
+    resume: str = _f("auto", "auto: continue from the newest checkpoint if any; never: start over; or a "
+                             "checkpoint folder.", group="eval")
+    seed: int = _f(42, "Random seed (data order, LoRA init).", group="eval")
+    max_train_samples: int = _f(0, "Use only the first N training samples (0: all).", group="eval")
+
+    # ---------------------------------------------------------------- YAML and dicts
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)} (see `python -m training.train --help`)")
+        return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        import yaml
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        if path is not None:
+            from charts.io import atomic_write_text
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | Path) -> "TrainConfig":
+        import yaml
+
+        text = Path(path_or_text).read_text() if _is_file(path_or_text) else str(path_or_text)
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _is_file(x) -> bool:
+    try:
+        return isinstance(x, Path) or (len(str(x)) < 4096 and "\n" not in str(x) and Path(x).is_file())
+    except OSError:
+        return False
+
+
+def _coerce(f: dataclasses.Field, value):
+    """YAML / SageMaker / UI values to the field's type ("true" -> True, "2e-4" -> 0.0002)."""
+    kind = type(f.default)
+    if kind is bool:
+        value = _bool(value)
+    elif value is not None and kind in (int, float, str):
+        value = kind(float(value)) if kind is int and isinstance(value, str) and "." in value else kind(value)
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+# ---------------------------------------------------------------- presets (dict literals)
+PRESETS: dict[str, dict] = {
+    # The seed blog's stage-2 recipe (LLaVA's finetune_qlora.sh), on the Hugging Face stack.
+    "llava-1.5-7b-qlora": {
+        "model": "llava-hf/llava-1.5-7b-hf", "mode": "qlora", "lora_r": 128, "lora_alpha": 256,
+        "lora_dropout": 0.05, "learning_rate": 2e-4, "mm_projector_lr": 2e-5, "lr_scheduler": "cosine",
+        "warmup_ratio": 0.03, "bf16": "true", "tf32": "true", "gradient_checkpointing": True,
+        "max_length": 2048, "image_aspect_ratio": "pad", "group_by_length": True, "epochs": 1.0,
+        "per_device_batch_size": 16, "grad_accum": 1, "deepspeed": "zero2",
+    },
+    # The tiny in-code LLaVA on CPU: a few dozen steps in seconds, enough to learn answer priors.
+    "demo-cpu": {
+        "model": "workspace/models/demo-llava", "mode": "lora", "lora_r": 16, "lora_alpha": 32,
+        "modules_to_save": "lm_head",
+        "lora_dropout": 0.0, "learning_rate": 3e-3, "mm_projector_lr": 1e-3, "lr_scheduler": "cosine",
+        "warmup_ratio": 0.05, "bf16": "false", "tf32": "false", "gradient_checkpointing": False,
+        "max_length": 256, "epochs": 1.0, "max_steps": 60, "per_device_batch_size": 16, "grad_accum": 1,
+        "eval_steps": 0, "eval_limit": 40, "eval_max_new_tokens": 8, "save_steps": 1000, "logging_steps": 10,
+        "dataloader_workers": 0, "attn_implementation": "sdpa", "deepspeed": "none",
+    },
+}
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return TrainConfig.from_dict({**PRESETS[name], **overrides})
+
+
+# ---------------------------------------------------------------- CLI
+def cli_flag(name: str) -> str:
+    return f"--{name}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description="Fine-tune a LLaVA-family model (QLoRA, LoRA or full). Flags override --config/--preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file with TrainConfig fields.")
+    parser.add_argument("--preset", choices=list(PRESETS), help="Start from a named recipe.")
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        g = f.metadata["group"]
+        groups.setdefault(g, parser.add_argument_group(g))
+        kwargs = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if isinstance(f.default, bool):
+            # `--flag`, `--flag false` and SageMaker's `--flag True` all parse.
+            kwargs.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = type(f.default)
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        groups[g].add_argument(cli_flag(f.name), **kwargs)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults <- preset <- YAML file <- flags."""
+    args = build_parser().parse_args(argv)
+    base: dict = {}
+    if args.preset:
+        base.update(PRESETS[args.preset])
+    if args.config:
+        base.update(TrainConfig.from_yaml(Path(args.config)).to_dict())
+    base.update({k: v for k, v in vars(args).items() if k not in ("config", "preset")})
+    return TrainConfig.from_dict(base)
+
+
+def to_argv(cfg: TrainConfig, only_changed: bool = True) -> list[str]:
+    """The flags that reproduce `cfg` (those that differ from the defaults, unless asked for all)."""
+    default = TrainConfig()
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if only_changed and value == getattr(default, f.name):
+            continue
+        argv += [cli_flag(f.name), str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def command(cfg: TrainConfig, config_path: str | None = None) -> str:
+    """A copy-paste shell command for the run."""
+    import shlex
+
+    parts = ["python", "-m", "training.train"]
+    parts += ["--config", config_path] if config_path else to_argv(cfg)
+    return shlex.join(parts)
+
+
+# ---------------------------------------------------------------- SageMaker hyperparameters
+MAX_HYPERPARAMETERS = 100
+MAX_HYPERPARAMETER_CHARS = 2500
+
+
+def to_hyperparameters(cfg: TrainConfig) -> dict[str, str]:
+    """All fields as SageMaker hyperparameters. Values are JSON-encoded strings, as the SageMaker
+    SDK sends them: the training toolkit json-decodes each one and passes `--name value` to the script."""
+    hp = {f.name: json.dumps(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    check_hyperparameters(hp)
+    return hp
+
+
+def from_hyperparameters(hp: dict[str, str]) -> TrainConfig:
+    """What the training script sees on SageMaker: the toolkit's `--name str(json.loads(value))` flags."""
+    argv = []
+    for name, value in hp.items():
+        if name.startswith("sagemaker_"):
+            continue
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            decoded = value
+        argv += [cli_flag(name), str(decoded)]
+    return parse_args(argv)
+
+
+def check_hyperparameters(hp: dict[str, str]) -> None:
+    """Limits the SageMaker API enforces but botocore does not check client-side."""
+    if len(hp) > MAX_HYPERPARAMETERS:
+        raise ValueError(f"{len(hp)} hyperparameters; SageMaker accepts at most {MAX_HYPERPARAMETERS}")
+    for k, v in hp.items():
+        if not isinstance(v, str):
+            raise ValueError(f"hyperparameter {k}: values must be strings, got {type(v).__name__}")
+        if len(k) > 256:
+            raise ValueError(f"hyperparameter name {k[:40]}...: longer than 256 characters")
+        if len(v) > MAX_HYPERPARAMETER_CHARS:
+            raise ValueError(f"hyperparameter {k}: {len(v)} characters; SageMaker accepts at most "
+                             f"{MAX_HYPERPARAMETER_CHARS}")
+
+
+def form_fields() -> list[dict]:
+    """What a UI needs to draw one input per field: name, flag, help, type, default, choices, group."""
+    return [{"name": f.name, "flag": cli_flag(f.name), "help": f.metadata["help"], "type": type(f.default),
+             "default": f.default, "choices": f.metadata.get("choices"), "group": f.metadata["group"]}
+            for f in dataclasses.fields(TrainConfig)]

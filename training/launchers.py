@@ -1,0 +1,224 @@
+"""Where a fine-tune runs. Every launcher has the same five calls:
+
+    job = launcher.start(cfg)        # -> a job dict, also appended to WORKSPACE/jobs.jsonl
+    launcher.status(job)             # -> the job dict with a fresh "status" (+ metrics)
+    launcher.logs(job, tail=50)      # -> the last log lines
+    launcher.stop(job)
+    launcher.list()                  # -> this launcher's jobs, newest first
+
+Jobs are recorded in WORKSPACE/jobs.jsonl (append-only; the latest line per job id wins), so a restarted
+studio finds running and finished jobs again. A local job is a subprocess of the real CLI
+(`python -m training.train --config runs/NAME/run.yaml`, no shell, its own process group); SageMaker jobs
+live in training/sagemaker.py.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from charts.io import append_jsonl, read_jsonl
+from training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parent.parent
+JOBS_FILE = "jobs.jsonl"
+FINAL = ("completed", "failed", "interrupted", "killed", "stopped")
+
+
+# ---------------------------------------------------------------- the job record
+def record(workspace: Path, job: dict) -> dict:
+    append_jsonl(Path(workspace) / JOBS_FILE, {**job, "updated": time.time()})
+    return job
+
+
+def read_jobs(workspace: Path) -> dict[str, dict]:
+    """Job id -> its latest state (later lines update earlier ones)."""
+    jobs: dict[str, dict] = {}
+    for row in read_jsonl(Path(workspace) / JOBS_FILE):
+        jobs[row["id"]] = {**jobs.get(row["id"], {}), **row}
+    return jobs
+
+
+def run_name(cfg: TrainConfig, name: str | None = None) -> str:
+    base = name or f"{Path(cfg.model.rstrip('/')).name}-{cfg.mode}"
+    base = re.sub(r"[^A-Za-z0-9-]+", "-", base).strip("-")[:40] or "run"
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    return list(read_jsonl(Path(output_dir) / "metrics.jsonl"))
+
+
+def last_metrics(rows: list[dict]) -> dict:
+    out = {}
+    for key in ("loss", "eval_loss", "eval_relaxed_accuracy", "learning_rate", "epoch", "step"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = values[-1]
+    return out
+
+
+def tail(path: Path, lines: int = 50) -> str:
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 200 * lines - 4096))
+        return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- local processes
+def _alive(pid: int, marker: str) -> bool:
+    """True if `pid` runs and is still our job (pid reuse: its command line names the run's config)."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if proc.exists():
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            return state != "Z" and marker in (proc / "cmdline").read_bytes().decode("utf-8", "replace")
+        os.kill(pid, 0)           # no /proc (macOS): liveness only
+        return True
+    except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
+        return False
+
+
+class LocalLauncher:
+    """Runs `python -m training.train` as a subprocess (torchrun when gpus > 1)."""
+
+    kind = "local"
+
+    def __init__(self, workspace: str | Path, python: str = sys.executable):
+        self.workspace = Path(workspace)
+        self.python = python
+        self._procs: dict[int, subprocess.Popen] = {}   # reaped here, so exited children are no zombies
+
+    def start(self, cfg: TrainConfig, name: str | None = None, gpus: int = 1) -> dict:
+        name = run_name(cfg, name)
+        run_dir = (self.workspace / "runs" / name).resolve()
+        data = cfg.data if not cfg.data or cfg.data.startswith("s3://") else str(Path(cfg.data).resolve())
+        model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+        cfg = cfg.replace(output_dir=str(run_dir), data=data, model=model)
+        config_path = cfg.to_yaml(run_dir / "run.yaml") and run_dir / "run.yaml"
+        cmd = [self.python, "-m", "training.train", "--config", str(config_path)]
+        if gpus > 1:
+            cmd = [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)] + cmd[1:]
+        log = run_dir / "train.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               "PYTHONUNBUFFERED": "1"}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        self._procs[proc.pid] = proc
+        return record(self.workspace, {"id": name, "kind": self.kind, "name": name, "status": "running",
+                                       "pid": proc.pid, "cmd": cmd, "config": str(config_path),
+                                       "output_dir": str(run_dir), "log": str(log), "created": time.time(),
+                                       "model": cfg.model, "data": cfg.data, "mode": cfg.mode})
+
+    def status(self, job: dict) -> dict:
+        job = {**read_jobs(self.workspace).get(job["id"], {}), **job}
+        proc = self._procs.get(job.get("pid"))
+        if proc is not None:
+            proc.poll()
+        metrics = last_metrics(read_metrics(job["output_dir"]))
+        if job.get("status") in FINAL:
+            return {**job, **metrics}
+        if _alive(job["pid"], job["config"]):
+            return {**job, "status": "running", **metrics}
+        result = _read_result(Path(job["output_dir"]))
+        if result:
+            status, detail = result["status"], result.get("error", "")
+        else:   # no result.json: the process died without finishing (SIGKILL, OOM killer, crash)
+            status, detail = ("killed", tail(Path(job["log"]), 20))
+            if (proc is not None and proc.returncode not in (None, -9, -signal.SIGKILL)) or "Traceback" in detail:
+                status = "failed"
+        job = record(self.workspace, {**job, "status": status, "detail": detail, "ended": time.time()})
+        return {**job, **metrics}
+
+    def logs(self, job: dict, tail_lines: int = 50) -> str:
+        return tail(Path(job["log"]), tail_lines)
+
+    def stop(self, job: dict, grace: float = 30.0) -> dict:
+        """SIGTERM the job's process group (the trainer checkpoints and exits), SIGKILL after `grace` s."""
+        pid = job["pid"]
+        if _alive(pid, job["config"]):
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.time() + grace
+            while time.time() < deadline and self._group_alive(pid, job):
+                time.sleep(0.2)
+            if self._group_alive(pid, job):
+                _signal_group(pid, signal.SIGKILL)
+                while self._group_alive(pid, job) and time.time() < deadline + 5:
+                    time.sleep(0.1)
+        status = self.status(job)
+        if status["status"] in ("running", "killed", "interrupted"):
+            status = record(self.workspace, {**status, "status": "stopped", "ended": time.time()})
+        return status
+
+    def _group_alive(self, pid: int, job: dict) -> bool:
+        proc = self._procs.get(pid)
+        if proc is not None:
+            proc.poll()
+        try:
+            os.killpg(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return _alive(pid, job["config"]) or _group_has_live(pid)
+
+    def list(self) -> list[dict]:
+        jobs = [j for j in read_jobs(self.workspace).values() if j.get("kind") == self.kind]
+        return sorted((self.status(j) for j in jobs), key=lambda j: -j.get("created", 0))
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_has_live(pgid: int) -> bool:
+    """Any non-zombie process left in the group (torchrun workers outlive their parent briefly)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _read_result(output_dir: Path) -> dict | None:
+    import json
+    try:
+        return json.loads((output_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- registry
+def launchers(workspace: str | Path, **sagemaker_settings) -> dict:
+    """Kind -> launcher for `workspace`. SageMaker settings (role, bucket, region, ...) are optional
+    until a job is started there."""
+    from training.sagemaker import SageMakerLauncher, SageMakerSettings
+
+    return {"local": LocalLauncher(workspace),
+            "sagemaker": SageMakerLauncher(workspace, SageMakerSettings(**sagemaker_settings))}
+
+
+def all_jobs(workspace: str | Path, refresh: bool = True, **sagemaker_settings) -> list[dict]:
+    """Every recorded job, newest first; `refresh` asks each launcher for a fresh status."""
+    table = launchers(workspace, **sagemaker_settings)
+    jobs = sorted(read_jobs(Path(workspace)).values(), key=lambda j: -j.get("created", 0))
+    if not refresh:
+        return jobs
+    out = []
+    for j in jobs:
+        try:
+            out.append(table[j["kind"]].status(j))
+        except Exception as e:        # e.g. AWS unreachable: show the recorded state and why
+            out.append({**j, "detail": f"status unavailable: {e}"})
+    return out
