@@ -1,0 +1,133 @@
+"""Charts tab: generate a chart-QA dataset, browse it, validate any LLaVA dataset, export it.
+
+Every callback calls one function of the `charts` package and formats its result.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import gradio as gr
+
+import charts
+from studio.context import Studio
+
+GALLERY_LIMIT = 60
+
+
+def _dataset_dir(studio: Studio, name: str):
+    return studio.path("datasets", name)
+
+
+def _qa_markdown(items: list[dict]) -> str:
+    lines = []
+    for it in items:
+        tol = f" (±{it['tolerance']:.0%})" if it.get("tolerance") else ""
+        lines.append(f"- **Q** ({it.get('family')}, {it.get('answer_type')}): {it['question']}  \n"
+                     f"  **A**: `{it['answers'][0]}`{tol}")
+    return "\n".join(lines) or "_no questions_"
+
+
+def _gallery(studio: Studio, name: str | None):
+    if not name:
+        return [], []
+    groups = charts.dataset_gallery(_dataset_dir(studio, name), GALLERY_LIMIT)
+    shown = [(image, f"{items[0].get('chart_type')} · {items[0].get('split')}") for image, items in groups]
+    return shown, [items for _, items in groups]
+
+
+def build(studio: Studio) -> dict:
+    datasets = charts.list_datasets(studio.workspace)
+    first_shown, first_items = _gallery(studio, datasets[-1] if datasets else None)
+    with gr.Row():
+        with gr.Column(scale=1):
+            name = gr.Textbox("charts-demo", label="Dataset name", info="saved to WORKSPACE/datasets/NAME")
+            kinds = gr.CheckboxGroup(list(charts.KINDS), value=list(charts.KINDS), label="Chart kinds")
+            families = gr.CheckboxGroup(list(charts.FAMILIES), value=list(charts.FAMILIES), label="Question families")
+            with gr.Row():
+                count = gr.Number(200, label="Charts", precision=0, minimum=1, maximum=200_000)
+                seed = gr.Number(0, label="Seed", precision=0)
+                qa_per_chart = gr.Number(3, label="Questions per chart", precision=0, minimum=1, maximum=13)
+            split = gr.Textbox("0.8,0.1,0.1", label="Split train,val,test (by image)")
+            multi_turn = gr.Checkbox(False, label="Multi-turn: all questions of an image in one conversation")
+            generate_btn = gr.Button("Generate", variant="primary")
+            status = gr.Markdown()
+        with gr.Column(scale=2):
+            with gr.Row():
+                dataset = gr.Dropdown(datasets, value=datasets[-1] if datasets else None, label="Dataset",
+                                      scale=3)
+                refresh_btn = gr.Button("Refresh", scale=1)
+            gallery = gr.Gallery(first_shown, label="Charts (select one to see its questions)", columns=4, height=420,
+                                 allow_preview=False, format="png")
+            qa_view = gr.Markdown()
+            with gr.Row():
+                random_btn = gr.Button("Random example")
+            with gr.Row():
+                example_image = gr.Image(type="filepath", label="Random example", height=300, interactive=False)
+                example_text = gr.Markdown()
+    with gr.Row():
+        with gr.Column():
+            validate_path = gr.Textbox(label="Validate a path (dataset folder, .jsonl or .json)",
+                                       placeholder="empty = the selected dataset")
+            validate_btn = gr.Button("Validate")
+            report = gr.Textbox(label="Validation report", lines=12, max_lines=30, interactive=False)
+        with gr.Column():
+            export_format = gr.Radio(list(charts.EXPORTERS), value="llava-json", label="Export format")
+            export_btn = gr.Button("Export selected dataset")
+            export_file = gr.File(label="Export (zip)", interactive=False)
+    groups = gr.State(first_items)
+
+    def on_generate(name, kinds, families, count, seed, qa_per_chart, split, multi_turn, progress=gr.Progress()):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
+            raise gr.Error("Dataset name: letters, digits, '-', '_' and '.' only.")
+        out = _dataset_dir(studio, name)
+        n = int(count)
+        workers = 1 if n < 64 else min(4, os.cpu_count() or 1)
+        try:
+            manifest = charts.generate(n, kinds, int(seed), out, workers,
+                                       lambda done, total: progress((done, total), desc="Rendering charts"),
+                                       families=families, split=[float(x) for x in split.split(",")],
+                                       multi_turn=multi_turn, qa_per_chart=int(qa_per_chart))
+        except ValueError as e:
+            raise gr.Error(str(e))
+        c = manifest["counts"]
+        text = (f"**{name}**: {c['charts']} charts in {manifest['seconds']:.1f}s · records {c['records']} · "
+                f"questions {c['questions']}" + "".join(f"\n\n⚠ {note}" for note in manifest["notes"]))
+        shown, items = _gallery(studio, name)
+        return (text, gr.Dropdown(choices=charts.list_datasets(studio.workspace), value=name), shown, items,
+                charts.validate(out).to_text())
+
+    def on_dataset(name):
+        shown, items = _gallery(studio, name)
+        return shown, items, ""
+
+    def on_select(items, evt: gr.SelectData):
+        return _qa_markdown(items[evt.index]) if evt.index is not None and evt.index < len(items) else ""
+
+    def on_random(name):
+        if not name:
+            raise gr.Error("Pick or generate a dataset first.")
+        item = charts.random_example(_dataset_dir(studio, name))
+        return item["image"], f"{item['chart_type']} · id `{item['id']}`\n\n" + _qa_markdown([item])
+
+    def on_validate(path, name):
+        target = path.strip() or (str(_dataset_dir(studio, name)) if name else "")
+        if not target:
+            raise gr.Error("Enter a path or pick a dataset.")
+        return charts.validate(target).to_text()
+
+    def on_export(name, fmt):
+        if not name:
+            raise gr.Error("Pick or generate a dataset first.")
+        folder = charts.export(_dataset_dir(studio, name), fmt, studio.path("exports", f"{name}-{fmt}"))
+        return str(charts.zip_folder(folder))
+
+    generate_btn.click(on_generate, [name, kinds, families, count, seed, qa_per_chart, split, multi_turn],
+                       [status, dataset, gallery, groups, report])
+    dataset.change(on_dataset, dataset, [gallery, groups, qa_view])
+    refresh_btn.click(lambda: gr.Dropdown(choices=charts.list_datasets(studio.workspace)), None, dataset)
+    gallery.select(on_select, groups, qa_view)
+    random_btn.click(on_random, dataset, [example_image, example_text])
+    validate_btn.click(on_validate, [validate_path, dataset], report)
+    export_btn.click(on_export, [dataset, export_format], export_file)
+    return {"dataset": dataset, "gallery": gallery, "generate": generate_btn, "report": report}
