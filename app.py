@@ -81,8 +81,9 @@ def main(argv=None) -> None:
     print(f"Base model: {base}" + (f"\nAdapter:    {adapter}" if adapter else ""), flush=True)
     app = build_app(studio)
     app.queue(default_concurrency_limit=4)
+    # Gradio serves files only from allowed places: the workspace holds every chart and report shown.
     app.launch(server_name=args.host, server_port=args.port, share=False, auth=auth, css=CSS,
-               show_error=True, inbrowser=False)
+               show_error=True, inbrowser=False, allowed_paths=[str(workspace)])
 
 
 if __name__ == "__main__":

@@ -20,15 +20,27 @@ FIELDS = form_fields()
 SKIPPED = {"output_dir"}          # chosen by the launcher (runs/NAME)
 
 
-def _input(f: dict):
+def _input(f: dict, value):
     label, info = f"{f['flag']}", f["help"]
     if f["choices"]:
-        return gr.Dropdown(list(f["choices"]), value=f["default"], label=label, info=info)
+        return gr.Dropdown(list(f["choices"]), value=value, label=label, info=info)
     if f["type"] is bool:
-        return gr.Checkbox(value=f["default"], label=label, info=info)
+        return gr.Checkbox(value=value, label=label, info=info)
     if f["type"] in (int, float):
-        return gr.Number(value=f["default"], label=label, info=info, precision=0 if f["type"] is int else None)
-    return gr.Textbox(value=f["default"], label=label, info=info)
+        return gr.Number(value=value, label=label, info=info, precision=0 if f["type"] is int else None)
+    return gr.Textbox(value=value, label=label, info=info)
+
+
+def _initial(studio: Studio, name: str, datasets: list[str]) -> TrainConfig:
+    """The preset with this workspace's model and first dataset filled in, so Launch works as is: the demo
+    preset trains the workspace's demo model; other presets keep their hub id unless the studio runs a
+    real base, which then wins."""
+    overrides = {"data": str(studio.path("datasets", datasets[0]))} if datasets else {}
+    if name == "demo-cpu":
+        overrides["model"] = str(studio.path("models", "demo-llava"))
+    elif "demo-llava" not in studio.base:
+        overrides["model"] = studio.base
+    return preset(name, **overrides) if name in PRESETS else TrainConfig(**{"model": studio.base, **overrides})
 
 
 def _config(names: list[str], values) -> TrainConfig:
@@ -64,9 +76,14 @@ def _curves(job: dict | None):
 def build(studio: Studio) -> dict:
     workspace = studio.workspace
     names = [f["name"] for f in FIELDS if f["name"] not in SKIPPED]
+    datasets = _datasets(workspace)
+    # A CPU studio on the tiny model starts on the demo preset; a real base on the seed's QLoRA recipe.
+    first = "demo-cpu" if "demo-llava" in studio.base else "llava-1.5-7b-qlora"
+    initial = _initial(studio, first, datasets)
     with gr.Row():
-        preset_box = gr.Dropdown(["(defaults)"] + list(PRESETS), value="demo-cpu", label="Preset")
-        dataset_box = gr.Dropdown(_datasets(workspace), label="Dataset (workspace/datasets/*)", allow_custom_value=True)
+        preset_box = gr.Dropdown(["(defaults)"] + list(PRESETS), value=first, label="Preset")
+        dataset_box = gr.Dropdown(datasets, value=datasets[0] if datasets else None,
+                                  label="Dataset (workspace/datasets/*)", allow_custom_value=True)
         run_name = gr.Textbox(label="Run name (runs/NAME-timestamp)", placeholder="optional")
     inputs: dict[str, gr.components.Component] = {}
     groups = {}
@@ -77,7 +94,7 @@ def build(studio: Studio) -> dict:
             with gr.Row(equal_height=False):
                 for f in fields:
                     if f["name"] not in SKIPPED:
-                        inputs[f["name"]] = _input(f)
+                        inputs[f["name"]] = _input(f, getattr(initial, f["name"]))
     with gr.Row():
         yaml_path = gr.Textbox(label="YAML file", value=str(workspace / "configs" / "run.yaml"))
         save_btn, load_btn, cmd_btn = gr.Button("Save YAML"), gr.Button("Load YAML"), gr.Button("Show command")
@@ -112,7 +129,7 @@ def build(studio: Studio) -> dict:
 
     # ---------------------------------------------------------------- callbacks
     def apply_preset(name):
-        cfg = preset(name) if name in PRESETS else TrainConfig()
+        cfg = _initial(studio, name, datasets)
         return [getattr(cfg, n) for n in names]
 
     def pick_dataset(name):

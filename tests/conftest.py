@@ -97,3 +97,9 @@ def studio_page(studio_server, browser):
     page.get_by_role("tab", name="Compare").wait_for()
     yield page, workspace
     context.close()
+
+
+def wait_for_table_text(page, text: str, timeout: int = 60_000) -> None:
+    """Gradio's Dataframe keeps cells in hidden wrappers: look at the tables' text, not visibility."""
+    page.wait_for_function("t => [...document.querySelectorAll('table')].some(x => x.textContent.includes(t))",
+                           arg=text, timeout=timeout)

@@ -1,0 +1,26 @@
+"""Benchmark tab in a real browser: score base vs adapter on the demo test split, read the leaderboard,
+browse the per-sample diff and build the reports."""
+import pytest
+
+from conftest import wait_for_table_text
+
+pytestmark = pytest.mark.browser
+
+
+def test_run_base_vs_adapter_then_browse_and_export(studio_page):
+    page, workspace = studio_page
+    page.get_by_role("tab", name="Benchmark").click()
+    page.get_by_label("Limit (0 = all)").fill("6")
+    page.get_by_label("Eval name").fill("browser-eval")
+    page.get_by_role("button", name="Run benchmark").click()
+    page.get_by_text("Finished browser-eval").wait_for(timeout=120_000)
+    summaries = sorted(workspace.glob("evals/browser-eval/*/summary.json"))
+    assert len(summaries) == 2                          # base and base + demo adapter
+    wait_for_table_text(page, "browser-eval")
+    page.get_by_text("McNemar").wait_for()              # the paired line of the per-sample browser
+    page.get_by_role("button", name="Build reports").click()
+    page.wait_for_timeout(3000)                          # the reports are written, then offered
+    with page.expect_download() as download:
+        page.get_by_role("button", name="HTML", exact=True).click()
+    html = download.value.path().read_text()
+    assert download.value.suggested_filename == "report.html" and "<html" in html and "http://" not in html

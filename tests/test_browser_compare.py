@@ -1,0 +1,32 @@
+"""A person's first use of the studio, in a real browser: upload a chart, ask, read both answers."""
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+
+
+def answers(page):
+    return [page.get_by_label(f"Answer {side}").input_value() for side in "AB"]
+
+
+def test_upload_ask_and_see_base_and_adapter_answers(studio_page, tmp_path):
+    page, _ = studio_page
+    chart = tmp_path / "chart.png"
+    Image.new("RGB", (320, 200), (40, 90, 200)).save(chart)
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("input[type=file]").first.set_input_files(str(chart))
+    page.get_by_label("Question").fill("What is the highest value?")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.wait_for_function("""() => [...document.querySelectorAll('textarea')]
+        .filter(t => t.closest('.answer')).every(t => t.value.trim().length > 0)""", timeout=60_000)
+    a, b = answers(page)
+    assert a and b and a != b, (a, b)       # the demo adapter was trained: it must not echo the base
+    page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+
+
+def test_an_empty_question_is_answered_with_a_message_in_the_panels(studio_page):
+    page, _ = studio_page
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_label("Question").fill("   ")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("type a question").first.wait_for(timeout=30_000)
