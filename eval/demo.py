@@ -82,8 +82,11 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     import shutil
 
     import torch
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    try:    # the PIL processor needs no torchvision (never installed on CPU machines)
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:     # older transformers 5.x
+        from transformers import CLIPImageProcessor as ImageProcessor
 
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
@@ -102,7 +105,7 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     # LLaVA pads images to a square of the mean colour (image_aspect_ratio "pad") before resizing.
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+    image_processor = ImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,

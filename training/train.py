@@ -283,7 +283,11 @@ def generate(model, processor, questions: list[dict], cfg: TrainConfig) -> list[
                        add_special_tokens=False).to(next(model.parameters()).device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype if hasattr(model, "dtype") else torch.float32)
-    with torch.no_grad():
+    # The Trainer runs forward passes under bf16 autocast; generation outside it would feed bf16 activations
+    # into the fp32 LoRA / projector weights that (Q)LoRA keeps trainable, and fail on the dtype mismatch.
+    device = next(model.parameters()).device
+    mixed = device.type == "cuda" and any(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
         out = model.generate(**inputs, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False, use_cache=True,
                              pad_token_id=processor.tokenizer.pad_token_id)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
