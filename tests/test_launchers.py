@@ -7,7 +7,7 @@ import time
 import pytest
 
 from training.config import preset
-from training.launchers import LocalLauncher, all_jobs, read_jobs
+from training.launchers import LocalLauncher, _group_has_live, all_jobs, read_jobs
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def test_stop_checkpoints_and_ends_the_process_group(demo_model, dataset, tmp_pa
     _started(launcher, job)
     stopped = launcher.stop(job, grace=60)
     assert stopped["status"] == "stopped"
-    with pytest.raises(ProcessLookupError):
-        os.killpg(job["pid"], 0)
+    # Nothing of the group still runs. (An orphaned grandchild may linger as a zombie where PID 1 does not
+    # reap, as in some containers: it is ended, only not yet collected, so killpg(pid, 0) can still succeed.)
+    assert not _group_has_live(job["pid"])
     assert list((tmp_path / "runs" / job["id"] / "checkpoints").glob("checkpoint-*"))   # SIGTERM -> checkpoint
     assert read_jobs(tmp_path)[job["id"]]["status"] == "stopped"
 
