@@ -20,10 +20,10 @@ import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from eval.images import downsize
-from eval.protocol import Request
+from eval.protocol import Request, trimmed
 
 WIRES = ("seed", "openai")
 MAX_PAYLOAD = int(5.5 * 1024 * 1024)     # real-time endpoints refuse bodies over ~6 MB
@@ -156,17 +156,12 @@ def stream_piece(obj) -> str:
     return ""
 
 
-def trimmed(pieces: Iterable[str]) -> Iterator[str]:
-    """Strip like a whole answer is stripped, so a joined stream equals the generated text."""
-    pending, started = "", False
-    for piece in pieces:
-        text = pending + piece
-        text = text if started else text.lstrip()
-        body = text.rstrip()
-        pending = text[len(body):]
-        if body:
-            started = True
-            yield body
+def fan_out(one, requests: list[Request], width: int) -> list[str]:
+    """A remote server batches on its side: send up to `width` requests at once, answers in order."""
+    if len(requests) <= 1:
+        return [one(r) for r in requests]
+    with ThreadPoolExecutor(min(width, len(requests))) as pool:
+        return list(pool.map(one, requests))
 
 
 # ---- SageMaker ----
@@ -246,10 +241,7 @@ class SageMakerBackend:
         return parse_answer(response["Body"].read())
 
     def generate(self, requests: list[Request]) -> list[str]:
-        if len(requests) <= 1:
-            return [self._one(r) for r in requests]
-        with ThreadPoolExecutor(min(self.max_batch, len(requests))) as pool:
-            return list(pool.map(self._one, requests))
+        return fan_out(self._one, requests, self.max_batch)
 
     def stream(self, request: Request) -> Iterator[str]:
         return trimmed(self._stream(request))
@@ -326,10 +318,7 @@ class OpenAIBackend:
             return parse_answer(response.read())
 
     def generate(self, requests: list[Request]) -> list[str]:
-        if len(requests) <= 1:
-            return [self._one(r) for r in requests]
-        with ThreadPoolExecutor(min(self.max_batch, len(requests))) as pool:
-            return list(pool.map(self._one, requests))
+        return fan_out(self._one, requests, self.max_batch)
 
     def stream(self, request: Request) -> Iterator[str]:
         return trimmed(self._stream(request))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from eval.images import pad_to_square
-from eval.protocol import Request
+from eval.protocol import Request, trimmed
 
 QUANTIZE = ("auto", "4bit", "none")
 # Top-level module names kept out of 4-bit: vision towers and projectors are small and lose accuracy
@@ -274,15 +274,7 @@ class Engine:
             thread.start()
             try:
                 # Trim like generate() does: hold whitespace back until more text follows it.
-                pending, started = "", False
-                for piece in streamer:
-                    text = pending + piece
-                    text = text if started else text.lstrip()
-                    body = text.rstrip()
-                    pending = text[len(body):]
-                    if body:
-                        started = True
-                        yield body
+                yield from trimmed(streamer)
                 if errors:
                     raise errors[0]
             finally:

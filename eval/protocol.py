@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -50,3 +50,16 @@ class Backend(Protocol):
     def generate(self, requests: list[Request]) -> list[str]: ...
 
     def stream(self, request: Request) -> Iterator[str]: ...
+
+
+def trimmed(pieces: Iterable[str]) -> Iterator[str]:
+    """Strip like a whole answer is stripped, so a joined stream equals the generated text."""
+    pending, started = "", False
+    for piece in pieces:
+        text = pending + piece
+        text = text if started else text.lstrip()
+        body = text.rstrip()
+        pending = text[len(body):]
+        if body:
+            started = True
+            yield body
