@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     app.queue(default_concurrency_limit=4)
     # Gradio serves files only from allowed places: the workspace holds every chart and report shown.
     app.launch(server_name=args.host, server_port=args.port, share=False, auth=auth, css=CSS,
-               show_error=True, inbrowser=False, allowed_paths=[str(workspace)])
+               show_error=True, inbrowser=False, allowed_paths=[str(workspace), str(Path(__file__).parent / "assets")])
 
 
 if __name__ == "__main__":

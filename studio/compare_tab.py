@@ -5,8 +5,10 @@ logic lives in eval.compare, the callbacks here only turn its results into compo
 """
 from __future__ import annotations
 
+import json
 import random
 import time
+from pathlib import Path
 
 import gradio as gr
 
@@ -15,6 +17,7 @@ from eval.images import ImageError, load_image
 from eval.protocol import Request
 from studio.context import Studio
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
 BACKEND_HELP = {"local": "a hub id or folder, or BASE+ADAPTER_DIR", "sagemaker": "an endpoint name",
                 "openai": "URL#MODEL, e.g. http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf"}
 
@@ -29,6 +32,12 @@ def _datasets(studio: Studio) -> list[str]:
         return list_datasets(studio.workspace)
     except ImportError:
         return []
+
+
+def _examples() -> list[list[str]]:
+    """The charts shipped in assets/examples, each with a question its data answers."""
+    rows = json.loads((ASSETS / "examples.json").read_text())
+    return [[str(ASSETS.parent.parent / r["image"]), r["question"]] for r in rows]
 
 
 def _side_panel(studio: Studio, label: str, default: str):
@@ -61,7 +70,7 @@ def build(studio: Studio) -> dict:
             with gr.Row():
                 dataset = gr.Dropdown(datasets, value=datasets[0] if datasets else None, allow_custom_value=True,
                                       label="Dataset for examples", scale=3)
-                random_button = gr.Button("🎲 Random example", scale=1)
+                random_button = gr.Button("Random example", scale=1)
             with gr.Row():
                 max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -69,6 +78,7 @@ def build(studio: Studio) -> dict:
                 run = gr.Button("Compare", variant="primary")
                 regenerate = gr.Button("Regenerate")
                 stop = gr.Button("Stop")
+    gr.Examples(_examples(), inputs=[image, question], label="Example charts (assets/examples)")
     with gr.Row():
         votes = [gr.Button(v, size="sm") for v in compare.VOTES]
         note = gr.Textbox(placeholder="note (optional)", show_label=False, scale=3)

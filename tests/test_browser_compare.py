@@ -30,3 +30,10 @@ def test_an_empty_question_is_answered_with_a_message_in_the_panels(studio_page)
     page.get_by_label("Question").fill("   ")
     page.get_by_role("button", name="Compare", exact=True).click()
     page.get_by_text("type a question").first.wait_for(timeout=30_000)
+
+
+def test_an_example_chart_fills_image_and_question(studio_page):
+    page, _ = studio_page
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_text("Which mode of transport has the highest share?").first.click()
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('mode of transport'))")
