@@ -1,0 +1,42 @@
+"""`python app.py`: loopback by default, a login whenever it listens elsewhere, models resolved up front."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                            ("127.0.0.5", True), ("0.0.0.0", False), ("192.168.1.4", False),
+                                            ("studio.example", False)])
+def test_only_loopback_addresses_count_as_private(host, loopback):
+    assert app.is_loopback(host) is loopback
+
+
+def test_defaults_bind_loopback_on_the_demo_model():
+    args = app.parse_args([])
+    assert args.host == "127.0.0.1" and args.base == app.DEMO and args.port == 7860
+
+
+def test_auth_must_be_user_colon_password():
+    assert app.parse_auth("alice:s3cret:with:colons") == ("alice", "s3cret:with:colons")
+    assert app.parse_auth(None) is None
+    for bad in ("alice", ":pw", "alice:"):
+        with pytest.raises(SystemExit):
+            app.parse_auth(bad)
+
+
+def test_listening_on_all_interfaces_without_a_login_is_refused(tmp_path):
+    out = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--workspace", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode != 0 and "without a login" in out.stderr
+    assert not (tmp_path / "models").exists()          # refused before building anything
+
+
+def test_a_real_base_is_used_as_given_without_building_the_demo(tmp_path):
+    assert app.prepare_models(tmp_path, "llava-hf/llava-1.5-7b-hf", None) == ("llava-hf/llava-1.5-7b-hf", None)
+    assert not (tmp_path / "models").exists()
