@@ -6,7 +6,6 @@ Everything it shows is read from workspace/evals/, written by the same `eval.run
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from charts.io import read_jsonl
+from eval import compare
 from eval.images import ImageError, load_image
 from eval.paired import compare_runs
 from eval.report import bar_chart, leaderboard_rows, write_reports
@@ -33,31 +34,8 @@ def dataset_choices(studio: Studio) -> list[tuple[str, str]]:
 
 
 def model_choices(studio: Studio) -> list[str]:
-    """local:BASE, local:BASE+ADAPTER for the studio's adapter and every finished run's adapter,
-    and endpoints recorded in endpoints.json."""
-    choices = [f"local:{studio.base}"]
-    adapters = [studio.adapter] if studio.adapter else []
-    adapters += [str(p.parent) for p in sorted(studio.path("runs").glob("*/adapter/adapter_config.json"))]
-    choices += [f"local:{studio.base}+{a}" for a in dict.fromkeys(adapters)]
-    choices += _endpoint_refs(studio.path("endpoints.json"))
-    return list(dict.fromkeys(choices))
-
-
-def _endpoint_refs(path: Path) -> list[str]:
-    """endpoints.json as a list or a dict of records; a record gives `ref`, or a SageMaker `name`/`endpoint`."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    records = data.items() if isinstance(data, dict) else [(None, r) for r in data] if isinstance(data, list) else []
-    refs = []
-    for key, rec in records:
-        rec = rec if isinstance(rec, dict) else {}
-        ref = rec.get("ref") or (f"sagemaker:{rec.get('endpoint') or rec.get('name') or key}"
-                                 if (rec.get("endpoint") or rec.get("name") or key) else None)
-        if ref:
-            refs.append(ref)
-    return refs
+    """The same list the Compare tab offers: base, base + each adapter, recorded endpoints."""
+    return compare.model_choices(studio.workspace, studio.base, studio.adapter)
 
 
 def eval_choices(studio: Studio) -> list[str]:
@@ -77,14 +55,14 @@ def browse(eval_dir: str, slug_b: str | None, outcome: str) -> tuple[list[tuple[
     if not runs:
         return [], "no finished runs in this eval"
     base_dir = runs[0][0]
-    rows_a = [json.loads(line) for line in (base_dir / "samples.jsonl").read_text().splitlines() if line.strip()]
+    rows_a = list(read_jsonl(base_dir / "samples.jsonl"))
     other = next((d for d, s in runs[1:] if s["slug"] == slug_b), None)
     if other is None:
         keep = [r for r in rows_a if outcome == "all" or (outcome == "both wrong" and r["relaxed_ref"] < 0.5)
                 or (outcome == "both right" and r["relaxed_ref"] >= 0.5)]
         return [(r, None) for r in keep], f"one model only ({runs[0][1]['slug']}): no paired diff"
     pair = compare_runs(base_dir, other, n_boot=1000)
-    rows_b = {r["id"]: r for r in (json.loads(x) for x in (other / "samples.jsonl").read_text().splitlines() if x.strip())}
+    rows_b = {r["id"]: r for r in read_jsonl(other / "samples.jsonl")}
     ids = set(pair["ids"][OUTCOMES[outcome]]) if OUTCOMES[outcome] else None
     pairs = [(r, rows_b[r["id"]]) for r in rows_a if ids is None or r["id"] in ids]
     line = (f"**{pair['metric']}**: {runs[0][1]['slug']} {pair['a']:.1f} → {slug_b} {pair['b']:.1f} "
