@@ -103,3 +103,26 @@ def wait_for_table_text(page, text: str, timeout: int = 60_000) -> None:
     """Gradio's Dataframe keeps cells in hidden wrappers: look at the tables' text, not visibility."""
     page.wait_for_function("t => [...document.querySelectorAll('table')].some(x => x.textContent.includes(t))",
                            arg=text, timeout=timeout)
+
+
+# ---- AWS: fake credentials only, peers on loopback ------------------------------------------------
+@pytest.fixture
+def fake_aws(monkeypatch, tmp_path):
+    """Fake credentials and no config files, so nothing can reach a real account."""
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+                       "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    """moto in server mode on 127.0.0.1 (S3, SageMaker control plane, CloudWatch Logs)."""
+    from moto.server import ThreadedMotoServer
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

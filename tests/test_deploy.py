@@ -1,6 +1,5 @@
 """Deploying to SageMaker against moto in server mode (loopback, fake credentials), and the price table."""
 import json
-import socket
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -13,29 +12,7 @@ from training.serving import package as pkg
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def fake_aws(monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+pytestmark = pytest.mark.usefixtures("fake_aws")
 
 
 @pytest.fixture(scope="module")

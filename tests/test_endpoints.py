@@ -13,13 +13,7 @@ from eval.protocol import Request
 from test_local_backend import make_adapter
 from training.serving.server import EndpointServer, handler_with, load_server
 
-
-@pytest.fixture(autouse=True)
-def fake_aws(monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+pytestmark = pytest.mark.usefixtures("fake_aws")
 
 
 @pytest.fixture(scope="module")

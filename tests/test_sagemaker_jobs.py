@@ -2,7 +2,6 @@
 botocore's Stubber (the exact request, status progressions moto cannot play, stop). No real AWS."""
 import io
 import re
-import socket
 import tarfile
 import time
 
@@ -19,18 +18,6 @@ def _session():
     import boto3
     return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
                                  region_name="us-east-1")
-
-
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture
