@@ -1,6 +1,6 @@
 """Command line for the charts package.
 
-    python -m charts generate --out workspace/datasets/charts --n 2000 --seed 0 --workers 2
+    python -m charts generate --out workspace/datasets/charts --n 2000 --seed 0 --workers 2 --instruct-share 0.5
     python -m charts validate workspace/datasets/charts
     python -m charts export workspace/datasets/charts --format hf --out workspace/exports/charts-hf
 """
@@ -33,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="rendering processes")
     g.add_argument("--qa-per-chart", type=int, default=3, help="questions kept per chart")
     g.add_argument("--multi-turn", action="store_true", help="one multi-turn record per image")
+    g.add_argument("--instruct-share", type=float, default=0.5,
+                   help="share of train/val questions ending with the short-answer instruction the "
+                        "benchmark runner appends (0 to 1; test questions stay bare)")
     g.add_argument("--paraphrase", action="store_true", help="reword questions through Amazon Bedrock")
     g.add_argument("--bedrock-model", default=DEFAULT_MODEL, help="Bedrock model or inference profile id")
     g.add_argument("--bedrock-region", default=None)
@@ -68,7 +71,7 @@ def _run(args) -> int:
                             families=args.families, split=split, multi_turn=args.multi_turn,
                             qa_per_chart=args.qa_per_chart, paraphrase=args.paraphrase,
                             bedrock_model=args.bedrock_model, bedrock_region=args.bedrock_region,
-                            overwrite=args.overwrite)
+                            instruct_share=args.instruct_share, overwrite=args.overwrite)
         for note in manifest["notes"]:
             print(f"note: {note}", file=sys.stderr)
         c = manifest["counts"]

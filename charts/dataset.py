@@ -12,7 +12,8 @@ Records are single-turn by default (one question per record, several records per
 multi_turn=True each image gets ONE record whose conversation holds all its questions; its
 `family`, `answer_type` and `tolerance` fields are then lists aligned with the gpt turns.
 Every chart i is drawn from random.Random(f"{seed}:{i}"), so output does not depend on worker
-count or completion order, and splits are assigned per image from the seed alone.
+count or completion order, and splits are assigned per image from the seed alone. Likewise, which
+train/val records end with SHORT_ANSWER_INSTRUCTION (instruct_share) follows from seed and record id.
 """
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ from .spec import KINDS, sample_spec
 SPLITS = ("train", "val", "test")
 IMAGE_TOKEN = "<image>"
 FORMAT_VERSION = 1
+# The short-answer instruction LLaVA-1.5 trains with and VLMEvalKit's ChartQA prompt appends; the
+# benchmark runner (eval.run.DEFAULT_SUFFIX) appends this very string to every question by default.
+SHORT_ANSWER_INSTRUCTION = "\nAnswer the question using a single word or phrase."
+INSTRUCT_SPLITS = ("train", "val")
 
 
 # ---------------------------------------------------------------- one chart (runs in workers)
@@ -81,15 +86,27 @@ def assign_splits(n: int, seed: int, fractions=(0.8, 0.1, 0.1)) -> dict[int, str
     return out
 
 
-def _records(row: dict, split: str, seed: int, multi_turn: bool) -> list[dict]:
+def instructed(record_id: str, seed: int, share: float) -> bool:
+    """Whether record `record_id` gets SHORT_ANSWER_INSTRUCTION: a draw from the seed and the id alone,
+    so the choice does not depend on worker count or order."""
+    return share > 0 and random.Random(f"{seed}:instruct:{record_id}").random() < share
+
+
+def _records(row: dict, split: str, seed: int, multi_turn: bool, instruct_share: float = 0.0) -> list[dict]:
     qas, kind, image = row["qas"], row["kind"], row["image"]
     if not qas:
         return []
     base = f"s{seed}-{row['index']:06d}"
+    share = instruct_share if split in INSTRUCT_SPLITS else 0.0
+
+    def first_question(record_id: str, question: str) -> str:
+        return question + SHORT_ANSWER_INSTRUCTION if instructed(record_id, seed, share) else question
+
     if multi_turn:
         conv = []
         for k, q in enumerate(qas):
-            conv.append({"from": "human", "value": (IMAGE_TOKEN + "\n" if k == 0 else "") + q["question"]})
+            text = first_question(base, q["question"]) if k == 0 else q["question"]
+            conv.append({"from": "human", "value": (IMAGE_TOKEN + "\n" if k == 0 else "") + text})
             conv.append({"from": "gpt", "value": q["answer"]})
         rec = {"id": base, "image": image, "conversations": conv, "chart_type": kind,
                "family": [q["family"] for q in qas], "answer_type": [q["answer_type"] for q in qas], "split": split}
@@ -98,8 +115,9 @@ def _records(row: dict, split: str, seed: int, multi_turn: bool) -> list[dict]:
         return [rec]
     out = []
     for k, q in enumerate(qas):
-        rec = {"id": f"{base}-{k}", "image": image,
-               "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q['question']}"},
+        rec_id = f"{base}-{k}"
+        rec = {"id": rec_id, "image": image,
+               "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{first_question(rec_id, q['question'])}"},
                                  {"from": "gpt", "value": q["answer"]}],
                "chart_type": kind, "family": q["family"], "answer_type": q["answer_type"], "split": split}
         if q["tolerance"] is not None:
@@ -113,12 +131,17 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
              on_progress=None, *, families=None, split=(0.8, 0.1, 0.1), multi_turn: bool = False,
              qa_per_chart: int = 3, paraphrase: bool = False, bedrock_model: str | None = None,
              bedrock_region: str | None = None, bedrock_endpoint_url: str | None = None,
-             overwrite: bool = False) -> dict:
+             instruct_share: float = 0.5, overwrite: bool = False) -> dict:
     """Generate `n` charts with their QA into `out_dir`; returns the manifest (also dataset.json).
 
     Re-running with the same arguments resumes a killed run (finished charts are skipped) or, when
     the dataset is complete, rewrites the same files. Different arguments on an existing folder
     raise ValueError unless overwrite=True. on_progress(done, total) is called as charts finish.
+
+    instruct_share (0..1) of train/val records get SHORT_ANSWER_INSTRUCTION appended to their first
+    question, chosen from the seed and record id; test questions stay bare. The benchmark runner appends
+    that instruction to every question, so a model trained on bare questions only would be scored on a
+    prompt it never saw; the mix teaches it both forms (0 disables, 1 instructs every train/val record).
     """
     kinds = list(kinds or KINDS)
     families = list(families or FAMILIES)
@@ -133,10 +156,14 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
         raise ValueError("split must be three non-negative fractions, e.g. 0.8,0.1,0.1")
     if n < 1 or qa_per_chart < 1:
         raise ValueError("n and qa_per_chart must be at least 1")
+    instruct_share = float(instruct_share)
+    if not 0.0 <= instruct_share <= 1.0:
+        raise ValueError("instruct_share must be between 0 and 1")
     out = Path(out_dir)
     settings = {"version": FORMAT_VERSION, "n": n, "seed": seed, "kinds": kinds, "families": families,
                 "split": list(split), "multi_turn": multi_turn, "qa_per_chart": qa_per_chart,
-                "paraphrase": bool(paraphrase), "bedrock_model": bedrock_model if paraphrase else None}
+                "paraphrase": bool(paraphrase), "bedrock_model": bedrock_model if paraphrase else None,
+                "instruct_share": instruct_share}
     _prepare(out, settings, overwrite)
 
     journal = out / ".progress.jsonl"
@@ -175,7 +202,7 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
     splits = assign_splits(n, seed, split)
     by_split = {s: [] for s in SPLITS}
     for row in rows:
-        by_split[splits[row["index"]]].extend(_records(row, splits[row["index"]], seed, multi_turn))
+        by_split[splits[row["index"]]].extend(_records(row, splits[row["index"]], seed, multi_turn, instruct_share))
     for s in SPLITS:
         write_jsonl(out / f"{s}.jsonl", by_split[s])
     empty = sum(1 for r in rows if not r["qas"])

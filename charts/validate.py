@@ -187,7 +187,9 @@ def _check_image(p: Path) -> str | None:
 
 
 def _is_yes_no_question(q: str) -> bool:
-    """'Is A larger than B?', also after a lead-in ('According to the chart, is ...?'); not 'A or B?'."""
+    """'Is A larger than B?', also after a lead-in ('According to the chart, is ...?'); not 'A or B?'.
+    Only the first line counts: an instruction may follow it ('...?\nAnswer with a single word.')."""
+    q = q.strip().split("\n")[0]
     if " or " in q.lower() or not q.rstrip().endswith("?"):
         return False
     clauses = [q] + re.split(r"[,:]\s+", q)[1:]

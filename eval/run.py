@@ -20,14 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from charts.dataset import SHORT_ANSWER_INSTRUCTION
 from charts.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
 from eval.images import ImageError, load_image
 from eval.metrics import DEFAULT_METRICS, DESCRIPTIONS, score_sample
 from eval.protocol import ModelRef, Request
 
 # VLMEvalKit's ChartQA prompt; lmms-eval's is "Answer the question with a single word." Either moves
-# scores by points, which is why the template is recorded in every summary.
-DEFAULT_SUFFIX = "\nAnswer the question using a single word or phrase."
+# scores by points, which is why the template is recorded in every summary. The same string that
+# charts.generate puts on a share of train/val questions (instruct_share).
+DEFAULT_SUFFIX = SHORT_ANSWER_INSTRUCTION
 DEFAULT_MAX_NEW_TOKENS = 16
 GROUPS = {"by_split": "split", "by_chart_type": "chart_type", "by_family": "family"}
 

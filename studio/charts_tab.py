@@ -50,6 +50,9 @@ def build(studio: Studio) -> dict:
                 qa_per_chart = gr.Number(3, label="Questions per chart", precision=0, minimum=1, maximum=13)
             split = gr.Textbox("0.8,0.1,0.1", label="Split train,val,test (by image)")
             multi_turn = gr.Checkbox(False, label="Multi-turn: all questions of an image in one conversation")
+            instruct_share = gr.Slider(0, 1, value=0.5, step=0.05,
+                                       label="Share of train/val questions with the short-answer instruction",
+                                       info="the benchmark appends it to every question; test questions stay bare")
             generate_btn = gr.Button("Generate", variant="primary")
             status = gr.Markdown()
         with gr.Column(scale=2):
@@ -77,7 +80,8 @@ def build(studio: Studio) -> dict:
             export_file = gr.File(label="Export (zip)", interactive=False)
     groups = gr.State(first_items)
 
-    def on_generate(name, kinds, families, count, seed, qa_per_chart, split, multi_turn, progress=gr.Progress()):
+    def on_generate(name, kinds, families, count, seed, qa_per_chart, split, multi_turn, instruct_share,
+                    progress=gr.Progress()):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
             raise gr.Error("Dataset name: letters, digits, '-', '_' and '.' only.")
         out = _dataset_dir(studio, name)
@@ -87,7 +91,8 @@ def build(studio: Studio) -> dict:
             manifest = charts.generate(n, kinds, int(seed), out, workers,
                                        lambda done, total: progress((done, total), desc="Rendering charts"),
                                        families=families, split=[float(x) for x in split.split(",")],
-                                       multi_turn=multi_turn, qa_per_chart=int(qa_per_chart))
+                                       multi_turn=multi_turn, qa_per_chart=int(qa_per_chart),
+                                       instruct_share=float(instruct_share))
         except ValueError as e:
             raise gr.Error(str(e))
         c = manifest["counts"]
@@ -122,7 +127,8 @@ def build(studio: Studio) -> dict:
         folder = charts.export(_dataset_dir(studio, name), fmt, studio.path("exports", f"{name}-{fmt}"))
         return str(charts.zip_folder(folder))
 
-    generate_btn.click(on_generate, [name, kinds, families, count, seed, qa_per_chart, split, multi_turn],
+    generate_btn.click(on_generate, [name, kinds, families, count, seed, qa_per_chart, split, multi_turn,
+                                     instruct_share],
                        [status, dataset, gallery, groups, report])
     dataset.change(on_dataset, dataset, [gallery, groups, qa_view])
     refresh_btn.click(lambda: gr.Dropdown(choices=charts.list_datasets(studio.workspace)), None, dataset)

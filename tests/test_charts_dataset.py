@@ -149,6 +149,70 @@ def test_multi_turn_puts_all_questions_of_an_image_in_one_record(tmp_path):
     assert all("#turn" in it["id"] for it in items) and len({it["id"] for it in items}) == len(items)
 
 
+def _instructed(rows):
+    return [r for r in rows if r["conversations"][0]["value"].endswith(charts.SHORT_ANSWER_INSTRUCTION)]
+
+
+def test_instruct_share_puts_the_benchmark_instruction_on_that_share_of_train_val_questions(tmp_path):
+    from eval.run import DEFAULT_SUFFIX
+    assert charts.SHORT_ANSWER_INSTRUCTION == DEFAULT_SUFFIX      # exactly what the runner appends
+    one = charts.generate(24, seed=7, out_dir=tmp_path / "one", workers=1, qa_per_chart=5, instruct_share=0.5)
+    recs = _records(tmp_path / "one")
+    train_val = recs["train"] + recs["val"]
+    assert len(train_val) >= 90
+    assert 0.3 <= len(_instructed(train_val)) / len(train_val) <= 0.7
+    assert not any(charts.SHORT_ANSWER_INSTRUCTION in r["conversations"][0]["value"] for r in recs["test"])
+    assert one["settings"]["instruct_share"] == 0.5
+    for r in _instructed(train_val):             # appended once, after the question
+        q = r["conversations"][0]["value"]
+        assert q.count(charts.SHORT_ANSWER_INSTRUCTION) == 1 and q.startswith("<image>\n")
+    report = charts.validate(tmp_path / "one")
+    assert report.ok and not report.warnings, report.to_text()
+    stored = {r["id"]: r["conversations"][0]["value"].replace("<image>\n", "") for r in train_val}
+    assert {it["id"]: it["question"] for it in charts.load_qa(tmp_path / "one") if it["id"] in stored} == stored
+    # the choice follows from seed and record id: worker count does not change a byte
+    two = charts.generate(24, seed=7, out_dir=tmp_path / "two", workers=2, qa_per_chart=5, instruct_share=0.5)
+    assert _files(tmp_path / "two") == _files(tmp_path / "one") and two["counts"] == one["counts"]
+
+
+def test_instruct_share_zero_gives_none_and_a_changed_share_is_another_setting(tmp_path):
+    out = tmp_path / "bare"
+    manifest = charts.generate(6, seed=1, out_dir=out, instruct_share=0)
+    assert manifest["settings"]["instruct_share"] == 0
+    assert not any(charts.SHORT_ANSWER_INSTRUCTION in r["conversations"][0]["value"]
+                   for rs in _records(out).values() for r in rs)
+    with pytest.raises(ValueError, match="instruct_share"):
+        charts.generate(6, seed=1, out_dir=out, instruct_share=0.5)
+    with pytest.raises(ValueError, match="instruct_share"):
+        charts.generate(6, seed=1, out_dir=tmp_path / "bad", instruct_share=1.5)
+
+
+def test_instruct_share_one_instructs_the_first_turn_of_every_train_val_record(tmp_path):
+    out = tmp_path / "mt"
+    charts.generate(10, seed=2, out_dir=out, multi_turn=True, qa_per_chart=3, instruct_share=1)
+    recs = _records(out)
+    train_val = recs["train"] + recs["val"]
+    assert train_val and len(_instructed(train_val)) == len(train_val)
+    for r in train_val:
+        humans = [t["value"] for t in r["conversations"] if t["from"] == "human"]
+        assert not any(charts.SHORT_ANSWER_INSTRUCTION in q for q in humans[1:])
+    assert recs["test"] and not _instructed(recs["test"])
+    report = charts.validate(out)
+    assert report.ok and not report.warnings, report.to_text()
+
+
+def test_cli_instruct_share_flag(tmp_path, capsys):
+    from charts.__main__ import main
+    out = tmp_path / "cli"
+    assert main(["generate", "--out", str(out), "--n", "4", "--workers", "1", "--split", "1,0,0",
+                 "--instruct-share", "1"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["settings"]["instruct_share"] == 1.0
+    rows = _records(out)["train"]
+    assert rows and len(_instructed(rows)) == len(rows)
+    assert main(["generate", "--out", str(tmp_path / "bad"), "--n", "2", "--instruct-share", "2"]) == 2
+    assert "instruct_share" in capsys.readouterr().err
+
+
 def test_load_qa_flattens_records_to_questions(dataset):
     out, manifest = dataset
     items = charts.load_qa(out)

@@ -11,7 +11,7 @@ import torch
 
 from eval.run import DEFAULT_SUFFIX, run_eval
 from training.config import preset
-from training.demo import DEMO_FAMILIES, SUFFIX_MARKER, ensure_demo_dataset
+from training.demo import DEMO_FAMILIES, DEMO_INSTRUCT_SHARE, ensure_demo_dataset
 from training.train import train
 
 MIN_GAIN = 10.0          # points of relaxed accuracy (0-100); this run reaches ~19
@@ -51,9 +51,11 @@ def test_demo_dataset_mixes_bare_and_instructed_questions(demo_data):
     with_suffix = sum(q.endswith(DEFAULT_SUFFIX) for q in train_q)
     assert 0.3 < with_suffix / len(train_q) < 0.7
     assert not any(DEFAULT_SUFFIX in q for q in questions("test"))     # the benchmark runner adds it itself
-    assert json.loads((demo_data / SUFFIX_MARKER).read_text())["with_suffix"] == with_suffix
+    manifest = json.loads((demo_data / "dataset.json").read_text())
+    assert manifest["settings"]["instruct_share"] == DEMO_INSTRUCT_SHARE
+    files = {s: (demo_data / f"{s}.jsonl").read_bytes() for s in ("train", "val", "test")}
     assert ensure_demo_dataset(demo_data.parent.parent) == demo_data    # a second call changes nothing
-    assert sum(q.endswith(DEFAULT_SUFFIX) for q in questions("train")) == with_suffix
+    assert {s: (demo_data / f"{s}.jsonl").read_bytes() for s in files} == files
     assert not any(q.endswith(DEFAULT_SUFFIX * 2) for q in questions("train"))
     families = Counter(json.loads(line)["family"] for line in (demo_data / "test.jsonl").open())
     assert set(families) <= set(DEMO_FAMILIES)
