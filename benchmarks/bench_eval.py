@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere, like the others
 
 
 def make_questions(workdir: Path, n: int) -> Path:
