@@ -35,9 +35,15 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Tab("Fine-tune", id="finetune"):
                 finetune = finetune_tab.build(studio)
 
-        # "Compare this checkpoint": base on side A, the job's adapter on side B, and switch tabs.
+        # "Compare this checkpoint": the job's base on side A, base + its adapter on side B, and switch tabs.
+        def open_in_compare(job_id):
+            try:
+                side_a, side_b = finetune_tab.compare_refs(studio.workspace, job_id)
+            except ValueError as e:
+                raise gr.Error(str(e))
+            return gr.Tabs(selected="compare"), side_a, side_b
+
         finetune["compare_button"].click(
-            lambda adapter: (gr.Tabs(selected="compare"), f"local:{studio.base}", f"local:{studio.base}+{adapter}"),
-            inputs=finetune["compare_adapter"], outputs=[tabs, compare["side_a"], compare["side_b"]],
-        )
+            open_in_compare, inputs=finetune["job"],
+            outputs=[tabs, compare["side_a"], compare["side_b"]])
     return app

@@ -169,8 +169,7 @@ def build(studio: Studio) -> dict:
             text = launcher.logs(job, 40)
         except Exception as e:
             text = f"(logs unavailable: {e})"
-        adapter = str(Path(job["output_dir"]) / "adapter") if job.get("output_dir") else job.get("output", "")
-        return _curves(job), text, adapter
+        return _curves(job), text, job_adapter(job)
 
     def stop(job_id, *sm):
         job = read_jobs(workspace).get(job_id)
@@ -190,10 +189,23 @@ def build(studio: Studio) -> dict:
     stop_btn.click(stop, [job_box] + sm_inputs, jobs)
     job_box.change(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
     timer.tick(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
-    compare_btn.click(lambda job_id, *sm: watch(job_id, *sm)[2], [job_box] + sm_inputs, compare_adapter)
     return {"inputs": inputs, "preset": preset_box, "dataset": dataset_box, "jobs": jobs, "job": job_box,
             "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn,
-            "compare_adapter": compare_adapter, "compare_button": compare_btn}
+            "compare_adapter": compare_adapter, "compare_button": compare_btn}   # wired in studio/app.py
+
+
+def job_adapter(job: dict) -> str:
+    """Where a job's adapter is (or will be): runs/NAME/adapter locally, the S3 output for SageMaker."""
+    return str(Path(job["output_dir"]) / "adapter") if job.get("output_dir") else job.get("output", "")
+
+
+def compare_refs(workspace: Path, job_id: str | None) -> tuple[str, str]:
+    """Side A = the job's base, side B = that base + the job's adapter, as Compare-tab model refs."""
+    job = read_jobs(workspace).get(job_id or "")
+    adapter = Path(job_adapter(job)) if job else None
+    if adapter is None or not (adapter / "adapter_config.json").is_file():
+        raise ValueError("pick a finished local job: its adapter folder is not there yet")
+    return f"local:{job['model']}", f"local:{job['model']}+{adapter}"
 
 
 def _datasets(workspace: Path) -> list[str]:

@@ -27,3 +27,25 @@ def test_launch_a_local_job_then_stop_it(studio_page):
     page.get_by_role("button", name="Stop", exact=True).click()
     wait_for_table_text(page, "stopped")
     assert set(job_statuses(workspace).values()) <= {"stopped", "completed"}
+
+
+def test_compare_this_checkpoint_opens_compare_on_the_jobs_base_and_adapter(studio_page):
+    from training.launchers import record
+
+    page, workspace = studio_page
+    import shutil
+    # a copy of the demo adapter as another finished run, so side B's default cannot pass for it
+    adapter = workspace / "runs" / "finished-run" / "adapter"
+    shutil.copytree(workspace / "runs" / "demo-adapter" / "adapter", adapter, dirs_exist_ok=True)
+    base = workspace / "models" / "demo-llava"
+    record(workspace, {"id": "finished-run", "kind": "local", "name": "finished-run", "status": "completed",
+                       "pid": 0, "config": "", "output_dir": str(adapter.parent), "log": "", "created": 0,
+                       "model": str(base), "data": "", "mode": "lora"})
+    page.reload()
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.get_by_label("Job", exact=True).fill("finished-run")
+    page.keyboard.press("Enter")
+    page.get_by_role("button", name="Compare this checkpoint").click()
+    page.get_by_label("Side B model").wait_for()
+    page.wait_for_function("v => [...document.querySelectorAll('input')].some(i => i.value === v)",
+                           arg=f"local:{base}+{adapter}")
