@@ -178,3 +178,19 @@ def test_large_images_are_reencoded_under_the_payload_limit():
     payload = build_payload(Request(noisy, "q"), "openai", limit=400_000)
     assert len(json.dumps(payload)) < 400_000
     assert payload["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+
+
+def test_compare_streams_the_endpoint_and_the_local_model_side_by_side(server, model_dir, demo_model, request_,
+                                                                        monkeypatch):
+    """What the Compare tab does with `sagemaker:chartqa` on one side and the local model on the other; boto3
+    finds the local server through AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME, as it would find any endpoint override."""
+    from eval import compare
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", server.url)
+    monkeypatch.setattr(compare, "_BACKENDS", {})
+    refs = ["sagemaker:chartqa", f"local:{demo_model}+{model_dir}"]
+    updates = list(compare.compare_stream(refs, request_))
+    endpoint, local = updates[-1]
+    assert not endpoint.error and not local.error
+    assert endpoint.text == local.text == LocalBackend(str(demo_model), model_dir).generate([request_])[0]
+    assert len(updates) > 2                          # token by token, not one final update
