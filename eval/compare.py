@@ -160,10 +160,7 @@ def verdict(answer: str, golds: list[str]) -> str:
     """Relaxed accuracy (ChartQA rule, and the normalized variant) as one short line."""
     if not golds or not answer:
         return ""
-    try:
-        from eval.metrics import relaxed_normalized, relaxed_reference
-    except ImportError:
-        return ""
+    from eval.metrics import relaxed_normalized, relaxed_reference
     ref = relaxed_reference(answer, golds)
     norm, changes = relaxed_normalized(answer, golds)
     mark = "✅ correct" if ref else ("☑️ correct after normalization" if norm else "❌ wrong")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from charts import list_datasets
+from charts import random_example as charts_random_example
 from eval import compare
 from eval.images import ImageError, load_image
 from eval.protocol import Request
@@ -27,11 +29,7 @@ def _choices(studio: Studio, kind: str) -> list[str]:
 
 
 def _datasets(studio: Studio) -> list[str]:
-    try:
-        from charts import list_datasets
-        return list_datasets(studio.workspace)
-    except ImportError:
-        return []
+    return list_datasets(studio.workspace)
 
 
 def _examples() -> list[list[str]]:
@@ -105,8 +103,7 @@ def build(studio: Studio) -> dict:
         if not name:
             return gr.update(), gr.update(), "pick a dataset (workspace/datasets is empty?)", {}
         try:
-            from charts import random_example as draw
-            ex = draw(studio.path("datasets", name) if "/" not in name else name, random.Random(time.time_ns()))
+            ex = charts_random_example(studio.path("datasets", name) if "/" not in name else name, random.Random(time.time_ns()))
         except Exception as e:           # noqa: BLE001 - a message, not a crash
             return gr.update(), gr.update(), f"cannot draw an example: {e}", {}
         golds = " | ".join(map(str, ex.get("answers", [])))
