@@ -99,3 +99,15 @@ def test_cli_process_exits_non_zero_on_errors():
     bad = subprocess.run([sys.executable, "-m", "charts", "validate", str(BROKEN / "blog_sample")],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 1 and "missing_image_token" in bad.stdout
+
+
+def test_a_yes_no_question_followed_by_an_instruction_is_still_checked(tmp_path):
+    import shutil
+    src = BROKEN / "yes_no_mismatch"
+    shutil.copytree(src, tmp_path / "ds")
+    path = tmp_path / "ds" / "data.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        row["conversations"][0]["value"] += "\nAnswer the question using a single word or phrase."
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "yes_no_mismatch" in charts.validate(path).codes()
