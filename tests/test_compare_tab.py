@@ -1,15 +1,9 @@
 """The Compare tab in a running Gradio app, driven through gradio_client on loopback."""
-import socket
-
 import pytest
 
+from conftest import free_port
+
 gr = pytest.importorskip("gradio")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
