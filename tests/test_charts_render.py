@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from charts import KINDS, ChartSpec, format_value, parse_number, render, sample_spec
+from charts.render import text_boxes
 from charts.spec import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,41 @@ def test_rendering_never_imports_pyplot_and_import_charts_stays_light():
     uses_pyplot = re.compile(r"import\s+matplotlib\.pyplot|from\s+matplotlib\s+import\s+pyplot|\bplt\.")
     for path in (ROOT / "charts").glob("*.py"):
         assert not uses_pyplot.search(path.read_text()), path
+
+
+def _specs(kinds, per_kind: int):
+    return [sample_spec(k, random.Random(f"fit:{k}:{i}")) for k in kinds for i in range(per_kind)]
+
+
+def test_every_label_title_and_legend_entry_lies_inside_the_image():
+    """Long titles are set smaller and scatter labels turn left near the edge instead of being cut off."""
+    long_title = sample_spec("pie", random.Random(0))
+    long_title.title = "Distribution of electricity generation across energy sources in the region"
+    for spec in [long_title, *_specs(KINDS, 12)]:
+        w, h = spec.style["width"], spec.style["height"]
+        for text, (left, top, right, bottom), _ in text_boxes(spec):
+            assert left >= -0.5 and top >= -0.5 and right <= w + 0.5 and bottom <= h + 0.5, (spec.kind, spec.title, text)
+
+
+def test_value_labels_ticks_and_legend_entries_do_not_overlap():
+    """Crowded bar labels get smaller type or turn upright, two lines' labels go above and below, and
+    inside legends get headroom, so every printed value stays readable. (Scatter points and areas
+    can crowd too closely for any placement, so they are left out.)"""
+    kinds = [k for k in KINDS if k not in ("scatter", "area")]
+    for spec in _specs(kinds, 12):
+        boxes = [(text, box) for text, box, degrees in text_boxes(spec) if not degrees]
+        for i, (a, (l1, t1, r1, b1)) in enumerate(boxes):
+            for b, (l2, t2, r2, b2) in boxes[i + 1:]:
+                overlap = min(r1, r2) - max(l1, l2) > 1 and min(b1, b2) - max(t1, t2) > 1
+                assert not overlap, (spec.kind, spec.title, a, b)
+
+
+def test_text_is_drawn_where_text_boxes_says():
+    """text_boxes and render agree: pixels inside the title's box differ from the background."""
+    spec = sample_spec("bar", random.Random(11))
+    image = Image.open(io.BytesIO(render(spec))).convert("RGB")
+    title = next(box for text, box, _ in text_boxes(spec) if text == spec.title)
+    crop = image.crop(tuple(round(v) for v in title))
+    assert len(crop.getcolors(maxcolors=100_000)) > 5
+    outside = image.crop((0, 0, 6, 6))
+    assert len(outside.getcolors()) == 1
