@@ -117,15 +117,23 @@ class LocalLauncher:
                                        "output_dir": str(run_dir), "log": str(log), "created": time.time(),
                                        "model": cfg.model, "data": cfg.data, "mode": cfg.mode})
 
+    def _running(self, job: dict) -> bool:
+        """Whether the job's process runs. For a child of this launcher its handle decides: just after
+        launch, /proc/PID/cmdline can still show the studio's own command line (the fork has not
+        exec'd yet), and the command-line check would take a starting job for a dead one."""
+        proc = self._procs.get(job.get("pid"))
+        if proc is not None:
+            return proc.poll() is None
+        return _alive(job["pid"], job["config"])
+
     def status(self, job: dict) -> dict:
         job = {**read_jobs(self.workspace).get(job["id"], {}), **job}
         proc = self._procs.get(job.get("pid"))
-        if proc is not None:
-            proc.poll()
+        running = self._running(job)
         metrics = last_metrics(read_metrics(job["output_dir"]))
         if job.get("status") in FINAL:
             return {**job, **metrics}
-        if _alive(job["pid"], job["config"]):
+        if running:
             return {**job, "status": "running", **metrics}
         result = _read_result(Path(job["output_dir"]))
         if result:
@@ -143,7 +151,7 @@ class LocalLauncher:
     def stop(self, job: dict, grace: float = 30.0) -> dict:
         """SIGTERM the job's process group (the trainer checkpoints and exits), SIGKILL after `grace` s."""
         pid = job["pid"]
-        if _alive(pid, job["config"]):
+        if self._running(job):
             _signal_group(pid, signal.SIGTERM)
             deadline = time.time() + grace
             while time.time() < deadline and self._group_alive(pid, job):
@@ -158,14 +166,12 @@ class LocalLauncher:
         return status
 
     def _group_alive(self, pid: int, job: dict) -> bool:
-        proc = self._procs.get(pid)
-        if proc is not None:
-            proc.poll()
+        running = self._running(job)
         try:
             os.killpg(pid, 0)
         except (ProcessLookupError, PermissionError):
             return False
-        return _alive(pid, job["config"]) or _group_has_live(pid)
+        return running or _group_has_live(pid)
 
     def list(self) -> list[dict]:
         jobs = [j for j in read_jobs(self.workspace).values() if j.get("kind") == self.kind]
