@@ -4,7 +4,7 @@
 
 Compares, on the same charts (all kinds in turn, same seeds):
   naive pyplot loop : plt.subplots + draw + plt.savefig (default PNG) + plt.close, one process
-  charts.generate   : the package (reused figure, own tick drawing, fast PNG), 1 and 2 worker processes
+  charts.generate   : the package (reused figure, marks as collections, text by Pillow, fast PNG), 1 and 2 worker processes
 """
 from __future__ import annotations
 
