@@ -8,173 +8,23 @@ after the axis machinery was gone). So each process keeps ONE figure and ONE axe
 machinery off; marks go in as a few collections and lines; each string (title, ticks, value labels,
 legend entries) is queued with its place in data, axes or pixel coordinates and drawn by Pillow's
 FreeType onto the finished pixels, in the same font files matplotlib would use. Labels are measured
-with those fonts, so margins fit them. Pixels are encoded once with zlib level 1.
-See docs/BENCHMARKS.md for the figures.
+with those fonts, so margins fit them, crowded labels get smaller type or another place, and
+`text_boxes` lets tests check that every string fits the image and no two collide. The surface
+itself (figure, fonts, queued text, PNG encoding) is charts/canvas.py. Figures: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import io
 import math
-from functools import lru_cache
 
+from .canvas import DPI, HA, INK, VA, Page, add_line, add_polygons, fresh_page, palette, rect
 from .spec import ChartSpec, format_value
-
-_CANVAS: dict = {}   # this process's figure and axes, created on first use
-DPI = 100
-INK = "#000000"
-_HA = {"left": "l", "center": "m", "right": "r"}
-# ascender/descender lines rather than glyph boxes, so a row of labels shares one baseline
-_VA = {"top": "a", "center": "m", "bottom": "d", "baseline": "s"}
-
-
-@lru_cache(maxsize=None)
-def _font_file(family: str, bold: bool) -> str:
-    """The TTF matplotlib would pick for `family`, else its bundled DejaVu Sans."""
-    from matplotlib.font_manager import FontProperties, findfont
-    weight = "bold" if bold else "normal"
-    try:
-        return findfont(FontProperties(family=family, weight=weight), fallback_to_default=False)
-    except ValueError:
-        return findfont(FontProperties(family="DejaVu Sans", weight=weight))
-
-
-@lru_cache(maxsize=None)
-def _font(family: str, points: float, bold: bool):
-    from PIL import ImageFont
-    return ImageFont.truetype(_font_file(family, bold), points * DPI / 72)
-
-
-class _Page:
-    """One chart being drawn: the figure and axes, and the strings queued for Pillow.
-
-    Coordinates of queued text: "data", "axes" (0-1 of the plot area), "xaxis" (x data, y axes),
-    "yaxis" (x axes, y data) or "px" (pixels from the bottom-left corner, as matplotlib's display
-    coordinates); `offset` adds pixels (x right, y up)."""
-
-    def __init__(self, spec: ChartSpec, fig, ax):
-        st = spec.style
-        self.spec, self.fig, self.ax = spec, fig, ax
-        self.w, self.h, self.fs = st["width"], st["height"], st["font_size"]
-        self.line = self.fs * DPI / 72          # font size in pixels
-        self.texts: list[tuple] = []
-
-    def font(self, size: float | None = None, bold: bool = False):
-        return _font(self.spec.style["font"], size or self.fs, bold)
-
-    def width(self, s: str, size: float | None = None, bold: bool = False) -> float:
-        return self.font(size, bold).getlength(s)
-
-    def text(self, x, y, s: str, coords: str = "data", ha: str = "center", va: str = "center", *,
-             size: float | None = None, bold: bool = False, color: str = INK, rotation: float = 0,
-             offset=(0, 0)):
-        self.texts.append((coords, x, y, s, _HA[ha] + _VA[va], self.font(size, bold), color, rotation, offset))
-
-    def set_plot_area(self, left: float, bottom: float, width: float, height: float) -> None:
-        """Place the axes, in pixels from the bottom-left corner."""
-        self.ax.set_position((left / self.w, bottom / self.h, width / self.w, height / self.h))
-
-    def place(self) -> list[tuple]:
-        """Draw the marks; return each queued string placed in image pixels (y down) as
-        (text, (x, y), anchor, font, color, rotation)."""
-        fig, ax = self.fig, self.ax
-        fig.canvas.draw()
-        transforms = {"data": ax.transData, "axes": ax.transAxes, "xaxis": ax.get_xaxis_transform(),
-                      "yaxis": ax.get_yaxis_transform()}
-        placed = []
-        for coords, x, y, s, anchor, font, color, rotation, (dx, dy) in self.texts:
-            if coords != "px":
-                x, y = transforms[coords].transform((x, y))
-            placed.append((s, (x + dx, self.h - (y + dy)), anchor, font, color, rotation))
-        return placed
-
-    def png(self) -> bytes:
-        from PIL import Image, ImageDraw
-        placed = self.place()
-        image = Image.frombuffer("RGBA", (self.w, self.h), self.fig.canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
-        image = image.convert("RGB")
-        draw = ImageDraw.Draw(image)
-        for s, xy, anchor, font, color, rotation in placed:
-            if rotation:
-                _rotated_text(image, xy, s, font, color, anchor, rotation)
-            else:
-                draw.text(xy, s, fill=color, font=font, anchor=anchor)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)   # level 1: ~3x faster than the default, ~30% bigger
-        return buf.getvalue()
-
-
-def _rotated_text(image, xy, s: str, font, color: str, anchor: str, degrees: float) -> None:
-    """Text turned `degrees` counter-clockwise about its anchor point (matplotlib's rotation_mode='anchor')."""
-    from PIL import Image, ImageDraw
-    left, top, right, bottom = font.getbbox(s, anchor=anchor)      # relative to the anchor point
-    mask = Image.new("L", (right - left + 2, bottom - top + 2), 0)
-    ax, ay = 1 - left, 1 - top                                     # the anchor point inside the mask
-    ImageDraw.Draw(mask).text((ax, ay), s, fill=255, font=font, anchor=anchor)
-    turned = mask.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
-    a = math.radians(degrees)
-    dx, dy = ax - mask.width / 2, ay - mask.height / 2             # image y points down
-    rx = turned.width / 2 + dx * math.cos(a) + dy * math.sin(a)
-    ry = turned.height / 2 - dx * math.sin(a) + dy * math.cos(a)
-    x0, y0 = round(xy[0] - rx), round(xy[1] - ry)
-    image.paste(color, (x0, y0, x0 + turned.width, y0 + turned.height), turned)
-
-
-def _fresh(spec: ChartSpec) -> _Page:
-    """The process's figure and axes, emptied and sized for `spec`."""
-    if not _CANVAS:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        fig = Figure(dpi=DPI)
-        FigureCanvasAgg(fig)
-        ax = fig.add_axes((0.1, 0.1, 0.8, 0.8))
-        ax.set_axis_off()
-        _CANVAS.update(fig=fig, ax=ax)
-    fig, ax = _CANVAS["fig"], _CANVAS["ax"]
-    for artist in [*ax.patches, *ax.lines, *ax.collections, *ax.artists, *fig.artists]:
-        artist.remove()
-    st = spec.style
-    fig.set_size_inches(st["width"] / DPI, st["height"] / DPI)
-    fig.set_facecolor(st["background"])
-    return _Page(spec, fig, ax)
-
-
-# ---------------------------------------------------------------- marks (matplotlib)
-def _colors(spec: ChartSpec, n: int) -> list[str]:
-    pal, shift = spec.style["palette"], spec.style["palette_shift"]
-    return [pal[(shift + i) % len(pal)] for i in range(n)]
-
-
-def _polygons(page: _Page, polygons, colors, edge: str | None = None, transform=None, **kw):
-    """Filled polygons as ONE collection: far cheaper than one patch each."""
-    from matplotlib.collections import PolyCollection
-    coll = PolyCollection(polygons, facecolors=colors, edgecolors=edge or "none",
-                          linewidths=0.8 if edge else 0, zorder=2, **kw)
-    if transform is not None:
-        coll.set_transform(transform)
-    page.ax.add_collection(coll, autolim=False)
-
-
-def _rect(x0, y0, x1, y1):
-    return [(x0, y0), (x0, y1), (x1, y1), (x1, y0)]
-
-
-def _line(page: _Page, xs, ys, transform=None, to_figure: bool = False, **kw):
-    from matplotlib.lines import Line2D
-    line = Line2D(xs, ys, **kw)
-    if transform is not None:
-        line.set_transform(transform)
-    if to_figure:
-        page.fig.add_artist(line)
-    else:
-        page.ax.add_artist(line)
-    return line
 
 
 # ---------------------------------------------------------------- layout, frame, legend
 class _Layout:
     """Margins in pixels around the plot area, derived from the labels that go in them."""
 
-    def __init__(self, page: _Page, left_labels: list[str], bottom_labels: list[str], rotate: bool,
+    def __init__(self, page: Page, left_labels: list[str], bottom_labels: list[str], rotate: bool,
                  legend: str = ""):
         spec, st = page.spec, page.spec.style
         self.w, self.h, self.line = page.w, page.h, page.line
@@ -196,27 +46,25 @@ class _Layout:
                 max(0.2 * self.h, self.h - self.bottom - self.top))
 
 
-def _crowded(page: _Page, labels: list[str], lay: _Layout) -> bool:
+def _crowded(page: Page, labels: list[str], lay: _Layout) -> bool:
     """Whether category labels side by side would overlap in the plot width: then they are rotated."""
     per_label = (lay.w - lay.left - lay.right) / max(1, len(labels))
     return max(page.width(c) for c in labels) + 8 > per_label
 
 
-def _title(page: _Page, x_left: float | None = None):
+def _title(page: Page, x_left: float | None = None):
     """The title, centred or starting at x_left pixels (default: 4% of the width); a title too long
     for the width is set smaller rather than cut off."""
     st = page.spec.style
     left = st["title_loc"] == "left"
     x = (0.04 * page.w if x_left is None else x_left) if left else page.w / 2
     room = page.w - x - 8 if left else page.w - 16
-    size = st["title_size"]
-    while size > 7 and page.width(page.spec.title, size, st["title_bold"]) > room:
-        size -= 0.5
+    size = _fitting_size(page, [page.spec.title], room, st["title_size"], floor=7, bold=st["title_bold"])
     page.text(x, page.h - 10 - st["title_size"] * DPI / 72 * 0.7, page.spec.title, "px",
               "left" if left else "center", "center", size=size, bold=st["title_bold"])
 
 
-def _frame(page: _Page, lay: _Layout, xlim, ylim, value_axis: str | None, x_labels=None, y_labels=None,
+def _frame(page: Page, lay: _Layout, xlim, ylim, value_axis: str | None, x_labels=None, y_labels=None,
            rotate=False):
     """Plot area, limits, value ticks + grid, category labels, axis lines and titles.
     `value_axis` ('x'/'y'/'xy') gets numeric ticks; x_labels/y_labels are (position, text) pairs."""
@@ -247,7 +95,7 @@ def _frame(page: _Page, lay: _Layout, xlim, ylim, value_axis: str | None, x_labe
         page.text(pos, 0, text, "xaxis", "right" if rotate else "center", "top", rotation=30 if rotate else 0,
                   offset=(0, -5))
     xs, ys = ([0, 0, 1, 1, 0], [0, 1, 1, 0, 0]) if st["spines"] == "all" else ([0, 0, 1], [1, 0, 0])
-    _line(page, xs, ys, ax.transAxes, color="#333333", lw=0.8, clip_on=False, zorder=2.5)
+    add_line(page, xs, ys, ax.transAxes, color="#333333", lw=0.8, clip_on=False, zorder=2.5)
     _title(page, left)
     xl, yl = (spec.y_label, spec.x_label) if spec.kind == "hbar" else (spec.x_label, spec.y_label)
     if xl:
@@ -256,7 +104,7 @@ def _frame(page: _Page, lay: _Layout, xlim, ylim, value_axis: str | None, x_labe
         page.text(8, bottom + height / 2, yl, "px", "center", "top", rotation=90)
 
 
-def _legend_size(page: _Page, labels: list[str], row: bool = False) -> tuple[float, float]:
+def _legend_size(page: Page, labels: list[str], row: bool = False) -> tuple[float, float]:
     """(width, height) in pixels of a legend's entries: a 2-em handle, a gap, the label."""
     entries = [page.line * 2.6 + page.width(s) for s in labels]
     if row:
@@ -264,7 +112,7 @@ def _legend_size(page: _Page, labels: list[str], row: bool = False) -> tuple[flo
     return max(entries), page.line * 1.5 * len(labels)
 
 
-def _legend(page: _Page, handles: list[tuple], labels: list[str], place: str, box=None):
+def _legend(page: Page, handles: list[tuple], labels: list[str], place: str, box):
     """Legend entries at `place`: 'upper right'/'upper left' (framed, inside the plot area `box`),
     'outside right' (right margin), 'below' (one row under the plot) or 'center right' (beside a pie).
     A handle is ('patch', color) or ('line', color, marker, width)."""
@@ -294,8 +142,8 @@ def _legend(page: _Page, handles: list[tuple], labels: list[str], place: str, bo
                                           facecolor=handle[1], edgecolor="none", zorder=4))
         else:
             _, color, marker, lw = handle
-            _line(page, [hx, hx + hw / 2, hx + hw], [y, y, y], pixels, to_figure=True, color=color, lw=lw,
-                  marker=marker or None, markevery=[1], markersize=5, zorder=4)
+            add_line(page, [hx, hx + hw / 2, hx + hw], [y, y, y], pixels, to_figure=True, color=color, lw=lw,
+                     marker=marker or None, markevery=[1], markersize=5, zorder=4)
         page.text(x + page.line * 2.6, y, label, "px", "left", "center")
         if row:
             x += page.line * 3.8 + page.width(label)
@@ -303,7 +151,7 @@ def _legend(page: _Page, handles: list[tuple], labels: list[str], place: str, bo
             y -= page.line * 1.5
 
 
-def _above_legend(page: _Page, lay: _Layout, entries: int, lo: float, top: float, hi: float) -> float:
+def _above_legend(page: Page, lay: _Layout, entries: int, lo: float, top: float, hi: float) -> float:
     """The upper limit `hi`, raised when a legend sits inside the plot area so that the data (up to
     `top`, with its value labels) stays below the legend box and every printed value stays readable."""
     if entries < 2 or not page.spec.style["legend"].startswith("upper"):
@@ -316,15 +164,17 @@ def _legend_place(spec: ChartSpec) -> str:
     return {"outside right": "right", "below": "below"}.get(spec.style["legend"], "")
 
 
-def _tick_texts(spec: ChartSpec, hi: float, fmt: str | None = None) -> list[str]:
-    return [format_value(v, fmt or spec.fmt) for v in (hi, hi * 0.83, -abs(hi) * 0.1)]
+def _tick_texts(spec: ChartSpec, hi: float) -> list[str]:
+    """Stand-ins for the value-axis labels, to size the margin before the ticks are chosen."""
+    return [format_value(v, spec.fmt) for v in (hi, hi * 0.83, -abs(hi) * 0.1)]
 
 
-def _fitting_size(page: _Page, texts: list[str], room: float, size: float) -> float:
-    """The largest font size, from `size` down to 3 points less (6 at least), at which every text is
-    at most `room` pixels wide; the smallest tried when none fits."""
-    floor = max(6.0, size - 3)
-    while size > floor and max(page.width(t, size) for t in texts) > room:
+def _fitting_size(page: Page, texts: list[str], room: float, size: float, floor: float | None = None,
+                  bold: bool = False) -> float:
+    """The largest font size, from `size` down to `floor` (default: 3 points less, 6 at least), at which
+    every text is at most `room` pixels wide; `floor` when none fits."""
+    floor = max(6.0, size - 3) if floor is None else floor
+    while size > floor and max(page.width(t, size, bold) for t in texts) > room:
         size -= 0.5
     return size
 
@@ -341,7 +191,7 @@ def _overlap(box, boxes) -> float:
 
 
 # ---------------------------------------------------------------- chart kinds
-def _draw_pie(page: _Page):
+def _draw_pie(page: Page):
     spec, st = page.spec, page.spec.style
     values, cats = spec.series["Share"], spec.categories
     legend_right = not st["value_labels"] or st["legend"] == "outside right"
@@ -371,8 +221,8 @@ def _draw_pie(page: _Page):
                                  else [(0.0, 0.0)]))
         mids.append(math.radians((start + end) / 2))
         start = end
-    colors = _colors(spec, len(values))
-    _polygons(page, polygons, colors, "white" if st["edge"] else None)
+    colors = palette(spec, len(values))
+    add_polygons(page, polygons, colors, "white" if st["edge"] else None)
     if st["value_labels"]:
         radius = 0.79 if inner else 0.64
         for a, v in zip(mids, values):
@@ -385,7 +235,7 @@ def _draw_pie(page: _Page):
             page.text(1.1 * math.cos(a), 1.1 * math.sin(a), c, ha="left" if math.cos(a) >= 0 else "right")
 
 
-def _draw_bar(page: _Page):
+def _draw_bar(page: Page):
     spec, st = page.spec, page.spec.style
     cats, names = spec.categories, list(spec.series)
     n = len(names)
@@ -402,7 +252,7 @@ def _draw_bar(page: _Page):
         rotate = _crowded(page, cats, lay)
         if rotate:
             lay = _Layout(page, _tick_texts(spec, hi), cats, True, legend)
-    colors = _colors(spec, n if n > 1 else len(cats))
+    colors = palette(spec, n if n > 1 else len(cats))
     width = st["bar_width"]
     wk = width if stacked else width / n
     label_size, upright = st["font_size"] - (1 if n > 2 else 0), True
@@ -424,7 +274,7 @@ def _draw_bar(page: _Page):
         for i, v in enumerate(spec.series[s]):
             mid = i if stacked else i - width / 2 + wk * (k + 0.5)
             a, b = bottoms[i], bottoms[i] + v
-            polygons.append(_rect(a, mid - wk / 2, b, mid + wk / 2) if horizontal else _rect(mid - wk / 2, a, mid + wk / 2, b))
+            polygons.append(rect(a, mid - wk / 2, b, mid + wk / 2) if horizontal else rect(mid - wk / 2, a, mid + wk / 2, b))
             fills.append(colors[k] if n > 1 else colors[i] if st["palette_shift"] % 2 else colors[0])
             if st["value_labels"]:
                 text = format_value(v, spec.fmt)
@@ -438,7 +288,7 @@ def _draw_bar(page: _Page):
                     page.text(mid, b, text, ha="left", size=label_size, rotation=90, offset=(0, 3))
             if stacked:
                 bottoms[i] = b
-    _polygons(page, polygons, fills, "#333333" if st["edge"] else None)
+    add_polygons(page, polygons, fills, "#333333" if st["edge"] else None)
     span = (-0.6, len(cats) - 0.4)
     pos = list(range(len(cats)))
     if horizontal:
@@ -449,7 +299,7 @@ def _draw_bar(page: _Page):
         _legend(page, [("patch", c) for c in colors], names, spec.style["legend"], lay.box())
 
 
-def _draw_line(page: _Page):
+def _draw_line(page: Page):
     spec, st = page.spec, page.spec.style
     cats, names = spec.categories, list(spec.series)
     allv = [v for s in names for v in spec.series[s]]
@@ -464,7 +314,7 @@ def _draw_line(page: _Page):
     if rotate:
         lay = _Layout(page, _tick_texts(spec, ylim[1]), cats, True, legend)
     ylim = (ylim[0], _above_legend(page, lay, len(names), ylim[0], hi, ylim[1]))
-    colors = _colors(spec, len(names))
+    colors = palette(spec, len(names))
     xs = list(range(len(cats)))
     marker = st["marker"] or None
     size = st["font_size"] - 1
@@ -472,10 +322,10 @@ def _draw_line(page: _Page):
         size = _fitting_size(page, [format_value(v, spec.fmt) for v in allv], lay.box()[2] / len(cats) - 3, size)
     for k, s in enumerate(names):
         vals = spec.series[s]
-        _line(page, xs, vals, color=colors[k], lw=st["line_width"], marker=marker, markersize=5, zorder=3)
+        add_line(page, xs, vals, color=colors[k], lw=st["line_width"], marker=marker, markersize=5, zorder=3)
         if spec.kind == "area":
-            _polygons(page, [[(xs[0], ylim[0]), *zip(xs, vals), (xs[-1], ylim[0])]], [colors[k]],
-                      alpha=0.25 if len(names) > 1 else 0.35)
+            add_polygons(page, [[(xs[0], ylim[0]), *zip(xs, vals), (xs[-1], ylim[0])]], [colors[k]],
+                         alpha=0.25 if len(names) > 1 else 0.35)
         if spec.values_printed:
             # of two lines, the lower point's label goes under it (the second series' on a tie)
             other = spec.series[names[1 - k]] if len(names) == 2 else vals
@@ -488,7 +338,7 @@ def _draw_line(page: _Page):
         _legend(page, [("line", c, marker, st["line_width"]) for c in colors], names, st["legend"], lay.box())
 
 
-def _draw_scatter(page: _Page):
+def _draw_scatter(page: Page):
     spec, st = page.spec, page.spec.style
     (_, xs), (_, ys) = list(spec.series.items())
     ylo, yhi = min(ys), max(ys)
@@ -497,8 +347,8 @@ def _draw_scatter(page: _Page):
     ylim = (ylo - 0.12 * (yhi - ylo), yhi + 0.15 * (yhi - ylo))
     lay = _Layout(page, _tick_texts(spec, yhi), ["0"], False)
     left, bottom, width, height = lay.box()
-    _line(page, xs, ys, ls="", marker="o", markersize=6.8, color=_colors(spec, 1)[0],
-          markeredgecolor="#333333" if st["edge"] else "none", zorder=3)
+    add_line(page, xs, ys, ls="", marker="o", markersize=6.8, color=palette(spec, 1)[0],
+             markeredgecolor="#333333" if st["edge"] else "none", zorder=3)
     font, size = page.font(st["font_size"] - 1), st["font_size"] - 1
     points = [(left + (x - xlim[0]) / (xlim[1] - xlim[0]) * width,
                page.h - bottom - (y - ylim[0]) / (ylim[1] - ylim[0]) * height) for x, y in zip(xs, ys)]
@@ -509,7 +359,7 @@ def _draw_scatter(page: _Page):
         spots = []                     # right-above, left-above, right-below, left-below
         for (dx, dy), ha, va in (((5, 4), "left", "baseline"), ((-5, 4), "right", "baseline"),
                                  ((5, -5), "left", "top"), ((-5, -5), "right", "top")):
-            l, t, r, b = font.getbbox(text, anchor=_HA[ha] + _VA[va])
+            l, t, r, b = font.getbbox(text, anchor=HA[ha] + VA[va])
             spots.append(((px + dx + l, py - dy + t, px + dx + r, py - dy + b), (dx, dy), ha, va))
         inside = ([spot for spot in spots if _inside(spot[0], plot)]
                   or [spot for spot in spots if _inside(spot[0], (0, 0, page.w, page.h))] or spots)
@@ -525,7 +375,7 @@ def funnel_rate(spec: ChartSpec, i: int) -> float:
     return 100 * vals[i] / vals[0]
 
 
-def _draw_funnel(page: _Page):
+def _draw_funnel(page: Page):
     spec, st = page.spec, page.spec.style
     vals = spec.series[next(iter(spec.series))]
     top = vals[0]
@@ -535,8 +385,8 @@ def _draw_funnel(page: _Page):
     page.set_plot_area(left, bottom, width, height)
     page.ax.set_xlim(0, top * 1.02)
     page.ax.set_ylim(len(vals) - 0.5, -0.5)
-    _polygons(page, [_rect((top - v) / 2, i - 0.4, (top + v) / 2, i + 0.4) for i, v in enumerate(vals)],
-              _colors(spec, len(vals)), "white" if st["edge"] else None)
+    add_polygons(page, [rect((top - v) / 2, i - 0.4, (top + v) / 2, i + 0.4) for i, v in enumerate(vals)],
+                 palette(spec, len(vals)), "white" if st["edge"] else None)
     for i, v in enumerate(vals):
         text = format_value(v, spec.fmt)
         if st["show_rate"] and i > 0:
@@ -549,7 +399,7 @@ def _draw_funnel(page: _Page):
     _title(page, left)
 
 
-def _draw_infographic(page: _Page):
+def _draw_infographic(page: Page):
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import FancyBboxPatch
     spec, st = page.spec, page.spec.style
@@ -559,7 +409,7 @@ def _draw_infographic(page: _Page):
     page.set_plot_area(0.03 * page.w, 0.04 * page.h, 0.94 * page.w, 0.8 * page.h)
     page.ax.set_xlim(0, 1)
     page.ax.set_ylim(0, 1)
-    colors = _colors(spec, n)
+    colors = palette(spec, n)
     fs = st["font_size"]
     if st["variant"] == "panels":
         cols = n if n <= 3 else math.ceil(n / 2)
@@ -578,8 +428,8 @@ def _draw_infographic(page: _Page):
         rh = 1 / (n + 1)
         page.text(0.05, 1 - rh / 2, spec.x_label, ha="left", size=fs + 1, bold=True)
         page.text(0.95, 1 - rh / 2, spec.y_label, ha="right", size=fs + 1, bold=True)
-        stripes = [_rect(0.02, 1 - (i + 2) * rh, 0.98, 1 - (i + 1) * rh) for i in range(0, n, 2)]
-        _polygons(page, stripes, [colors[0]], alpha=0.15)
+        stripes = [rect(0.02, 1 - (i + 2) * rh, 0.98, 1 - (i + 1) * rh) for i in range(0, n, 2)]
+        add_polygons(page, stripes, [colors[0]], alpha=0.15)
         for i, (c, v) in enumerate(zip(cats, vals)):
             y = 1 - (i + 1.5) * rh
             page.text(0.05, y, c, ha="left", size=fs + 1)
@@ -602,8 +452,8 @@ RENDERERS = {
 }
 
 
-def _page(spec: ChartSpec) -> _Page:
-    page = _fresh(spec)
+def _page(spec: ChartSpec) -> Page:
+    page = fresh_page(spec)
     RENDERERS[spec.kind](page)
     return page
 
