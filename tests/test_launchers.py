@@ -73,15 +73,26 @@ def test_a_job_killed_from_outside_is_reported_killed_with_its_last_log_lines(de
 
 def test_a_job_checked_before_its_process_has_exec_d_is_running_not_killed(demo_model, dataset, tmp_path, monkeypatch):
     """Just after launch, /proc/PID/cmdline can still show the studio's own command line (the fork has
-    not exec'd yet), so the command-line check fails. The launcher's own child handle must decide, or the
-    job is recorded 'killed' while it trains on where Stop cannot reach it."""
+    not exec'd yet), so the command-line check fails. The child's handle in the launching process must
+    decide, or the job is recorded 'killed' while it trains on where Stop cannot reach it."""
     import training.launchers as launchers
     launcher = LocalLauncher(tmp_path)
     job = launcher.start(_cfg(demo_model, dataset, max_steps=100000), name="early")
     try:
         monkeypatch.setattr(launchers, "_alive", lambda pid, marker: False)   # what /proc shows before exec
-        assert launcher.status(job)["status"] == "running"
+        # a new instance, as the studio makes for each request, in the process that started the job
+        assert LocalLauncher(tmp_path).status(job)["status"] == "running"
         assert read_jobs(tmp_path)[job["id"]]["status"] == "running"
     finally:
         os.killpg(job["pid"], signal.SIGKILL)
     assert _wait(lambda: launcher.status(job)["status"] == "killed", timeout=20)
+
+
+def test_a_job_stopped_while_it_is_still_starting_is_recorded_stopped(demo_model, dataset, tmp_path):
+    """SIGTERM before the trainer has installed its handler ends the process by the signal (exit -15):
+    that is a stop, not a failure."""
+    launcher = LocalLauncher(tmp_path)
+    job = launcher.start(_cfg(demo_model, dataset, max_steps=100000), name="impatient")
+    stopped = LocalLauncher(tmp_path).stop(job, grace=30)
+    assert stopped["status"] == "stopped", stopped.get("detail")
+    assert read_jobs(tmp_path)[job["id"]]["status"] == "stopped"

@@ -85,6 +85,12 @@ def _alive(pid: int, marker: str) -> bool:
         return False
 
 
+# Jobs this process started, by run config path (unique per run, unlike pids), whichever LocalLauncher
+# instance started them (the studio makes one per request): their handles say reliably whether they
+# run, and polling them reaps exited children.
+_CHILDREN: dict[str, subprocess.Popen] = {}
+
+
 class LocalLauncher:
     """Runs `python -m training.train` as a subprocess (torchrun when gpus > 1)."""
 
@@ -93,7 +99,6 @@ class LocalLauncher:
     def __init__(self, workspace: str | Path, python: str = sys.executable):
         self.workspace = Path(workspace)
         self.python = python
-        self._procs: dict[int, subprocess.Popen] = {}   # reaped here, so exited children are no zombies
 
     def start(self, cfg: TrainConfig, name: str | None = None, gpus: int = 1) -> dict:
         name = run_name(cfg, name)
@@ -111,24 +116,24 @@ class LocalLauncher:
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, start_new_session=True)
-        self._procs[proc.pid] = proc
+        _CHILDREN[str(config_path)] = proc
         return record(self.workspace, {"id": name, "kind": self.kind, "name": name, "status": "running",
                                        "pid": proc.pid, "cmd": cmd, "config": str(config_path),
                                        "output_dir": str(run_dir), "log": str(log), "created": time.time(),
                                        "model": cfg.model, "data": cfg.data, "mode": cfg.mode})
 
     def _running(self, job: dict) -> bool:
-        """Whether the job's process runs. For a child of this launcher its handle decides: just after
+        """Whether the job's process runs. For a job this process started, its handle decides: just after
         launch, /proc/PID/cmdline can still show the studio's own command line (the fork has not
         exec'd yet), and the command-line check would take a starting job for a dead one."""
-        proc = self._procs.get(job.get("pid"))
+        proc = _CHILDREN.get(job.get("config"))
         if proc is not None:
             return proc.poll() is None
         return _alive(job["pid"], job["config"])
 
     def status(self, job: dict) -> dict:
         job = {**read_jobs(self.workspace).get(job["id"], {}), **job}
-        proc = self._procs.get(job.get("pid"))
+        proc = _CHILDREN.get(job.get("config"))
         running = self._running(job)
         metrics = last_metrics(read_metrics(job["output_dir"]))
         if job.get("status") in FINAL:
@@ -140,7 +145,7 @@ class LocalLauncher:
             status, detail = result["status"], result.get("error", "")
         else:   # no result.json: the process died without finishing (SIGKILL, OOM killer, crash)
             status, detail = ("killed", tail(Path(job["log"]), 20))
-            if (proc is not None and proc.returncode not in (None, -9, -signal.SIGKILL)) or "Traceback" in detail:
+            if (proc is not None and (proc.returncode or 0) > 0) or "Traceback" in detail:   # < 0: a signal
                 status = "failed"
         job = record(self.workspace, {**job, "status": status, "detail": detail, "ended": time.time()})
         return {**job, **metrics}
