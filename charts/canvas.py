@@ -2,7 +2,7 @@
 marks, and strings queued for Pillow.
 
 A `Page` holds the figure, its single axes (axis machinery off) and the queued text. Marks go in as
-few collections and lines (`polygons`, `line`). Text is queued with its place in data, axes or pixel
+few collections and lines (`add_polygons`, `add_line`). Text is queued with its place in data or pixel
 coordinates and drawn by Pillow's FreeType onto the finished pixels, in the font files matplotlib
 would use; `Page.width` measures a string in those fonts, so layouts can fit labels. Why: see
 charts/render.py.
@@ -43,8 +43,8 @@ def _font(family: str, points: float, bold: bool):
 class Page:
     """One chart being drawn: the figure and axes, and the strings queued for Pillow.
 
-    Coordinates of queued text: "data", "axes" (0-1 of the plot area), "xaxis" (x data, y axes),
-    "yaxis" (x axes, y data) or "px" (pixels from the bottom-left corner, as matplotlib's display
+    Coordinates of queued text: "data", "xaxis" (x data, y 0-1 of the plot area), "yaxis" (x 0-1 of
+    the plot area, y data) or "px" (pixels from the bottom-left corner, as matplotlib's display
     coordinates); `offset` adds pixels (x right, y up)."""
 
     def __init__(self, spec: ChartSpec, fig, ax):
@@ -74,8 +74,7 @@ class Page:
         (text, (x, y), anchor, font, color, rotation)."""
         fig, ax = self.fig, self.ax
         fig.canvas.draw()
-        transforms = {"data": ax.transData, "axes": ax.transAxes, "xaxis": ax.get_xaxis_transform(),
-                      "yaxis": ax.get_yaxis_transform()}
+        transforms = {"data": ax.transData, "xaxis": ax.get_xaxis_transform(), "yaxis": ax.get_yaxis_transform()}
         placed = []
         for coords, x, y, s, anchor, font, color, rotation, (dx, dy) in self.texts:
             if coords != "px":
@@ -140,14 +139,11 @@ def palette(spec: ChartSpec, n: int) -> list[str]:
     return [pal[(shift + i) % len(pal)] for i in range(n)]
 
 
-def add_polygons(page: Page, polygons, colors, edge: str | None = None, transform=None, **kw):
-    """Filled polygons as ONE collection: far cheaper than one patch each."""
+def add_polygons(page: Page, polygons, colors, edge: str | None = None, **kw):
+    """Filled polygons in data coordinates as ONE collection: far cheaper than one patch each."""
     from matplotlib.collections import PolyCollection
-    coll = PolyCollection(polygons, facecolors=colors, edgecolors=edge or "none",
-                          linewidths=0.8 if edge else 0, zorder=2, **kw)
-    if transform is not None:
-        coll.set_transform(transform)
-    page.ax.add_collection(coll, autolim=False)
+    page.ax.add_collection(PolyCollection(polygons, facecolors=colors, edgecolors=edge or "none",
+                                          linewidths=0.8 if edge else 0, zorder=2, **kw), autolim=False)
 
 
 def rect(x0, y0, x1, y1):

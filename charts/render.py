@@ -6,7 +6,7 @@ the usual way spent most of its time building Axis/Tick/Legend objects and, abov
 matplotlib's text machinery (Text artists, layout, glyph rasterizing: over half of what remained
 after the axis machinery was gone). So each process keeps ONE figure and ONE axes with the axis
 machinery off; marks go in as a few collections and lines; each string (title, ticks, value labels,
-legend entries) is queued with its place in data, axes or pixel coordinates and drawn by Pillow's
+legend entries) is queued with its place in data or pixel coordinates and drawn by Pillow's
 FreeType onto the finished pixels, in the same font files matplotlib would use. Labels are measured
 with those fonts, so margins fit them, crowded labels get smaller type or another place, and
 `text_boxes` lets tests check that every string fits the image and no two collide. The surface
