@@ -1,10 +1,11 @@
 """Chart generation speed (render + questions + PNG written to disk), in charts per second.
 
-    .venv/bin/python benchmarks/bench_charts.py --n 600
+    .venv/bin/python benchmarks/bench_charts.py --n 600 [--workers 1,2,4,8]
 
 Compares, on the same charts (all kinds in turn, same seeds):
   naive pyplot loop : plt.subplots + draw + plt.savefig (default PNG) + plt.close, one process
-  charts.generate   : the package (reused figure, marks as collections, text by Pillow, fast PNG), 1 and 2 worker processes
+  charts.generate   : the package (reused figure, marks as collections, text by Pillow, fast PNG), with each
+                      worker count in --workers (default 1 and 2)
 """
 from __future__ import annotations
 
@@ -80,17 +81,21 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=600, help="charts per measurement")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", default="1,2", help="comma list of worker counts to measure, e.g. 1,2,4,8")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base, cpu = timed(lambda: naive_pyplot(args.n, args.seed, tmp / "naive"))
         rows.append(("naive pyplot loop", 1, base, cpu))
-        for workers in (1, 2):
+        for workers in (int(w) for w in args.workers.split(",")):
             out = tmp / f"generate-{workers}"
             wall, cpu = timed(lambda: charts.generate(args.n, seed=args.seed, out_dir=out, workers=workers))
-            rows.append(("charts.generate", workers, wall, cpu if workers == 1 else None))
+            rows.append(("charts.generate", workers, wall, cpu if workers <= 1 else None))
     load = os.getloadavg()[0]
+    import matplotlib
+    import PIL
+    print(f"Python {sys.version.split()[0]}, matplotlib {matplotlib.__version__}, Pillow {PIL.__version__}")
     print(f"{args.n} charts per row, all {len(charts.KINDS)} kinds in turn; {os.cpu_count()} CPUs; "
           f"1-min load average at the end {load:.2f}")
     print("| method | workers | wall s | charts/s | vs naive pyplot | charts per CPU-second |")
