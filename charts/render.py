@@ -26,14 +26,14 @@ class _Layout:
 
     def __init__(self, page: Page, left_labels: list[str], bottom_labels: list[str], rotate: bool,
                  legend: str = ""):
-        spec, st = page.spec, page.spec.style
+        spec = page.spec
         self.w, self.h, self.line = page.w, page.h, page.line
         self.tick_w = max((page.width(t) for t in left_labels), default=0)
         widest = max((page.width(t) for t in bottom_labels), default=0)
         self.tick_h = widest * 0.5 + self.line * 0.9 if rotate else self.line * 1.3
         self.left = 14 + self.tick_w + (self.line * 2 if spec.y_label else 0)
         self.bottom = 12 + self.tick_h + (self.line * 1.8 if spec.x_label else 0)
-        self.top = 16 + st["title_size"] * DPI / 72 * 1.9
+        self.top = _title_band(page)
         self.right = 20
         if legend == "right":
             self.right += _legend_size(page, list(spec.series))[0] + 16
@@ -50,6 +50,11 @@ def _crowded(page: Page, labels: list[str], lay: _Layout) -> bool:
     """Whether category labels side by side would overlap in the plot width: then they are rotated."""
     per_label = (lay.w - lay.left - lay.right) / max(1, len(labels))
     return max(page.width(c) for c in labels) + 8 > per_label
+
+
+def _title_band(page: Page) -> float:
+    """Pixels kept free above the plot for the title."""
+    return 16 + page.spec.style["title_size"] * DPI / 72 * 1.9
 
 
 def _title(page: Page, x_left: float | None = None):
@@ -195,8 +200,7 @@ def _draw_pie(page: Page):
     spec, st = page.spec, page.spec.style
     values, cats = spec.series["Share"], spec.categories
     legend_right = not st["value_labels"] or st["legend"] == "outside right"
-    top = 16 + st["title_size"] * DPI / 72 * 1.9
-    avail_h = page.h - top - 12
+    avail_h = page.h - _title_band(page) - 12
     if legend_right:
         room = _legend_size(page, cats)[0] + 34
         r = max(40.0, min(avail_h / 2, (page.w - room - 24) / 2))
