@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(e.g. llava-hf/llava-1.5-7b-hf); 'demo' builds the tiny offline model")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder for side B of Compare "
                    "(default with --base demo: the demo adapter)")
+    p.add_argument("--quantize", default="auto", choices=("auto", "4bit", "none"),
+                   help="local models on CUDA: auto = bf16 when the base fits in free GPU memory, else 4-bit nf4")
     p.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"),
                    help="USER:PASSWORD login (or env STUDIO_AUTH); required when --host is not loopback")
     return p.parse_args(argv)
@@ -77,8 +79,12 @@ def main(argv=None) -> None:
     from studio.app import CSS, build_app
     from studio.context import Studio
 
-    studio = Studio(workspace=workspace, base=base, adapter=adapter)
+    studio = Studio(workspace=workspace, base=base, adapter=adapter, quantize=args.quantize)
     print(f"Base model: {base}" + (f"\nAdapter:    {adapter}" if adapter else ""), flush=True)
+    # Load (and on CUDA, capture the decode graphs) before serving, so no first click waits for it.
+    for ref in [f"local:{base}"] + ([f"local:{base}+{adapter}"] if adapter else []):
+        studio.pool.backend(ref, on_progress=lambda msg: print(f"  {msg}", flush=True), **studio.local_options())
+    print("Loaded: " + "; ".join(e["mode"] for e in studio.pool.loaded()), flush=True)
     app = build_app(studio)
     app.queue(default_concurrency_limit=4)
     # Gradio serves files only from allowed places: the workspace holds every chart and report shown.

@@ -4,7 +4,9 @@
     open_backend("sagemaker:chartqa-llava", wire="openai", region="us-east-1")
     open_backend("openai:http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf")
 
-Importing this module loads no torch, transformers or boto3: each backend imports them when used.
+Long-lived callers (the studio, a benchmark run) open backends through one eval.pool.ModelPool, so a base
+loads once for all its adapters; `open_backend` is the one-off form. Importing this module loads no torch,
+transformers or boto3: each backend imports them when used.
 """
 from __future__ import annotations
 
@@ -19,16 +21,7 @@ BACKENDS = {
 }
 
 
-def open_backend(ref: ModelRef | str, **options) -> Backend:
-    """Open the backend `ref` names. Options given here override the ones carried by the ref, and are
-    passed to the backend class (e.g. quantize="none" for local, wire="openai" for sagemaker)."""
-    if isinstance(ref, str):
-        ref = ModelRef.parse(ref)
-    if ref.kind not in BACKENDS:
-        raise ValueError(f"unknown backend {ref.kind!r} in {str(ref)!r}: expected one of {', '.join(BACKENDS)}")
-    options = {**ref.options, **options}
-    if ref.kind == "local":
-        return LocalBackend(ref.target, ref.adapter, **options)
+def open_remote(ref: ModelRef, **options) -> Backend:
     if ref.kind == "openai":
         url, sep, model = ref.target.partition("#")
         if not sep or not model:
@@ -36,3 +29,10 @@ def open_backend(ref: ModelRef | str, **options) -> Backend:
                              "e.g. openai:http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf")
         return OpenAIBackend(url, model, **options)
     return BACKENDS[ref.kind](ref.target, **options)
+
+
+def open_backend(ref: ModelRef | str, pool=None, **options) -> Backend:
+    """Open the backend `ref` names, through `pool` (a new one if none). Options given here override the
+    ones carried by the ref (e.g. quantize="none" for local, wire="openai" for sagemaker)."""
+    from eval.pool import ModelPool
+    return (pool or ModelPool()).backend(ref, **options)

@@ -2,7 +2,8 @@
 the gold answers, votes, a self-contained HTML export and a batch comparison over dataset examples.
 
 Both sides run in their own threads and report through one queue, so a slow or failing side never holds
-up the other (two local sides on the same base share one model copy and take turns on its lock).
+up the other; two local sides on the same base share one model copy and are decoded in one batch.
+Models come from the caller's eval.pool.ModelPool.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -60,19 +61,6 @@ def to_ref(text: str, kind: str = "local", base: str | None = None) -> str:
     return f"{kind}:{text}"
 
 
-_BACKENDS: dict[str, object] = {}
-_BACKENDS_LOCK = threading.Lock()
-
-
-def backend_for(ref: str, **options):
-    """Open once per ref (a local base is loaded once anyway; this also keeps boto3 clients)."""
-    from eval.backends import open_backend
-    with _BACKENDS_LOCK:
-        if ref not in _BACKENDS:
-            _BACKENDS[ref] = open_backend(ModelRef.parse(ref), **options)
-        return _BACKENDS[ref]
-
-
 def check_question(question: str) -> str:
     question = (question or "").strip()
     if not question:
@@ -90,6 +78,8 @@ class Side:
     name: str = ""
     text: str = ""
     error: str = ""
+    note: str = ""                # e.g. "this endpoint does not stream: one whole answer"
+    verdict: str = ""             # against the gold answers, once done
     done: bool = False
     first_token_s: float | None = None
     seconds: float = 0.0
@@ -100,59 +90,93 @@ class Side:
         if self.error:
             return f"**error** · {self.seconds:.1f} s"
         if not self.done and not self.text:
-            return "waiting…"
+            return "stopped" if self.done else "waiting…"
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         approx = "" if self.exact_tokens else "≈"
         first = f"first token {self.first_token_s:.2f} s · " if self.first_token_s is not None else ""
         return (f"{first}{self.seconds:.2f} s · {approx}{self.tokens} tokens · {approx}{rate:.1f} tok/s"
-                + ("" if self.done else " · streaming"))
+                + ("" if self.done else " · streaming") + (f" · {self.note}" if self.note else ""))
 
 
-def _count_tokens(backend, text: str, pieces: int) -> tuple[int, bool]:
-    tokenizer = getattr(getattr(backend, "engine", None), "tokenizer", None)
-    if tokenizer is not None:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]), True
-    return pieces, False      # servers send about one token per event
+@dataclass
+class CompareResult:
+    """One comparison as the tab shows it, votes record it and the HTML export prints it."""
+    question: str
+    sides: list[Side]
+    image: str | None = None
+    example_id: str | None = None
+    gold: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"question": self.question, "image": self.image, "example_id": self.example_id, "gold": self.gold,
+                "settings": self.settings,
+                "sides": [{"ref": s.ref, "name": s.name, "text": s.text, "error": s.error} for s in self.sides]}
 
 
-def _run_side(index: int, ref: str, request: Request, out: queue.Queue, options: dict) -> None:
-    side, start, pieces = Side(ref=ref), time.perf_counter(), 0
+def _run_side(index: int, ref: str, request: Request, out: queue.Queue, pool, options: dict,
+              stop: threading.Event, golds: list[str]) -> None:
+    side, start, pieces, stream = Side(ref=ref), time.perf_counter(), 0, None
     try:
         if not ref:
             raise ValueError("pick a model")
-        backend = backend_for(ref, **options.get(ref.split(":", 1)[0], {}))
+        backend = pool.backend(ref, **options.get(ref.split(":", 1)[0], {}))
         side.name = backend.name
-        for piece in backend.stream(request):
+        if not getattr(backend, "streams", True):
+            side.note = "this endpoint does not stream: one whole answer"
+        stream = backend.stream(request)
+        for piece in stream:
+            if stop.is_set():
+                break
             pieces += 1
             if side.first_token_s is None:
                 side.first_token_s = time.perf_counter() - start
             side.text += piece
             side.seconds = time.perf_counter() - start
-            side.tokens, side.exact_tokens = pieces, False
-            out.put((index, Side(**asdict(side))))
-        side.tokens, side.exact_tokens = _count_tokens(backend, side.text, pieces)
+            side.tokens, side.exact_tokens = getattr(stream, "tokens", pieces), getattr(stream, "exact", False)
+            out.put((index, replace(side)))
     except Exception as e:               # noqa: BLE001 - shown in this side's panel only
         side.error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, RuntimeError, OSError)) else str(e)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()                      # a local stream cancels its row in the engine
+    side.tokens = getattr(stream, "tokens", pieces) if stream is not None else pieces
     side.seconds, side.done = time.perf_counter() - start, True
+    if stop.is_set() and not side.error:
+        side.note = "stopped"
+    elif not side.error:
+        side.verdict = verdict(side.text, golds)
     out.put((index, side))
 
 
-def compare_stream(refs: list[str], request: Request, options: dict | None = None) -> Iterator[list[Side]]:
-    """Stream every ref at the same time; yields the list of sides each time any of them changes.
-    `options` maps a backend kind to its options, e.g. {"sagemaker": {"wire": "openai"}}."""
+def compare_stream(refs: list[str], request: Request, pool, options: dict | None = None,
+                   golds: list[str] | None = None, heartbeat_s: float = 0.5) -> Iterator[list[Side]]:
+    """Stream every ref at the same time; yields the list of sides each time any of them changes (and
+    every `heartbeat_s` while none does, so a closed consumer is noticed). Closing the generator stops
+    every side: local generations leave the engine's batch at its next step. Local sides on one base
+    are decoded together in one batch. `options` maps a backend kind to its options."""
     sides = [Side(ref=r) for r in refs]
     updates: queue.Queue = queue.Queue()
+    stop = threading.Event()
     for i, ref in enumerate(refs):
-        threading.Thread(target=_run_side, args=(i, ref, request, updates, options or {}), daemon=True,
-                         name=f"compare-{i}").start()
-    while not all(s.done for s in sides):
-        index, side = updates.get()
-        sides[index] = side
-        while not updates.empty():        # coalesce bursts of tokens into one UI update
-            index, side = updates.get_nowait()
-            if not sides[index].done:
-                sides[index] = side
-        yield list(sides)
+        threading.Thread(target=_run_side, args=(i, ref, request, updates, pool, options or {}, stop, golds or []),
+                         daemon=True, name=f"compare-{i}").start()
+    try:
+        while not all(s.done for s in sides):
+            try:
+                index, side = updates.get(timeout=heartbeat_s)
+            except queue.Empty:
+                yield list(sides)
+                continue
+            sides[index] = side
+            while not updates.empty():        # coalesce bursts of tokens into one UI update
+                index, side = updates.get_nowait()
+                if not sides[index].done:
+                    sides[index] = side
+            yield list(sides)
+    finally:
+        stop.set()
 
 
 # ---- verdicts ----
@@ -169,14 +193,13 @@ def verdict(answer: str, golds: list[str]) -> str:
 
 
 # ---- votes and export ----
-def record_vote(workspace: str | Path, vote: str, note: str, result: dict) -> dict:
+def record_vote(workspace: str | Path, vote: str, note: str, result: CompareResult | None) -> dict:
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}")
-    if not result or not result.get("sides"):
+    if result is None or not result.sides:
         raise ValueError("compare something first")
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vote": vote, "note": note.strip(),
-           **{k: result.get(k) for k in ("question", "image", "example_id", "gold", "settings")},
-           "sides": [{k: s.get(k) for k in ("ref", "name", "text", "error")} for s in result["sides"]]}
+           **result.record()}
     append_jsonl(Path(workspace) / "votes.jsonl", row)
     return row
 
@@ -188,27 +211,26 @@ def _image_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def export_html(result: dict, image=None) -> str:
+def export_html(result: CompareResult, image=None) -> str:
     """One self-contained page: the image (embedded), question, gold, both answers, models, settings."""
     esc = html.escape
     cells = []
-    for label, side in zip("AB", result.get("sides", [])):
-        body = (f"<p class='err'>{esc(side.get('error', ''))}</p>" if side.get("error")
-                else f"<pre>{esc(side.get('text', ''))}</pre>")
-        cells.append(f"<td><h3>{label}: {esc(side.get('name') or side.get('ref', ''))}</h3><p class='ref'>"
-                     f"{esc(side.get('ref', ''))}</p>{body}<p>{esc(side.get('verdict', ''))}</p>"
-                     f"<p class='stats'>{esc(side.get('stats', ''))}</p></td>")
-    gold = result.get("gold") or []
+    for label, side in zip("ABCDEFGH", result.sides):
+        body = f"<p class='err'>{esc(side.error)}</p>" if side.error else f"<pre>{esc(side.text)}</pre>"
+        cells.append(f"<td><h3>{label}: {esc(side.name or side.ref)}</h3><p class='ref'>"
+                     f"{esc(side.ref)}</p>{body}<p>{esc(side.verdict)}</p>"
+                     f"<p class='stats'>{esc(side.stats())}</p></td>")
+    gold = result.gold
     img = f"<img src='{_image_data_url(image)}' alt='chart'>" if image is not None else "<p>(no image)</p>"
-    settings = esc(json.dumps(result.get("settings", {})))
+    settings = esc(json.dumps(result.settings))
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Compare: {esc(result.get('question', '')[:60])}</title>
+<html><head><meta charset="utf-8"><title>Compare: {esc(result.question[:60])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2rem auto}}img{{max-width:100%;
 border:1px solid #ddd}}table{{width:100%;border-collapse:collapse}}td{{vertical-align:top;width:50%;
 padding:0 1rem;border-left:3px solid #eee}}pre{{white-space:pre-wrap;font-size:1.05rem}}.err{{color:#b00}}
 .ref,.stats{{color:#666;font-size:.85rem}}</style></head><body>
 <h1>Base vs fine-tuned</h1>{img}
-<h2>{esc(result.get('question', ''))}</h2>
+<h2>{esc(result.question)}</h2>
 {f"<p><b>Gold:</b> {esc(' | '.join(map(str, gold)))}</p>" if gold else ""}
 <table><tr>{''.join(cells)}</tr></table>
 <p class="stats">settings: {settings} · exported {esc(datetime.now(timezone.utc).isoformat(timespec="seconds"))}</p>
@@ -226,28 +248,34 @@ def sample_examples(dataset_dir: str | Path, n: int, seed: int = 0) -> list[dict
     return random.Random(seed).sample(items, min(n, len(items)))
 
 
-def batch_compare(refs: list[str], examples: list[dict], question: str | None, max_new_tokens: int = 16,
+def batch_compare(refs: list[str], examples: list[dict], question: str | None, pool, max_new_tokens: int = 16,
                   options: dict | None = None, on_progress=None) -> list[dict]:
-    """Every example through every ref (batched by each backend's max_batch). `question` replaces the
-    examples' own questions when given (its gold answers then do not apply)."""
+    """Every example through every ref. Local sides on one base run in the same batches (one pass);
+    `question` replaces the examples' own questions when given (its gold answers then do not apply)."""
     from eval.images import load_image
+    from eval.local import generate_together
 
     requests = [Request(load_image(e["image"]), question or e["question"], max_new_tokens=max_new_tokens)
                 for e in examples]
     rows = [{"id": e.get("id"), "chart_type": e.get("chart_type"), "question": r.question,
              "gold": "" if question else " | ".join(map(str, e.get("answers", [])))}
             for e, r in zip(examples, requests)]
-    for label, ref in zip("AB", refs):
+    labels = "ABCDEFGH"[:len(refs)]
+    answers: dict[str, list[str]] = {}
+    backends = {}
+    for label, ref in zip(labels, refs):
         try:
-            backend = backend_for(ref, **(options or {}).get(ref.split(":", 1)[0], {}))
-            answers = []
-            for start in range(0, len(requests), backend.max_batch):
-                answers += backend.generate(requests[start:start + backend.max_batch])
-                if on_progress:
-                    on_progress(label, len(answers), len(requests))
+            backends[label] = pool.backend(ref, **(options or {}).get(ref.split(":", 1)[0], {}))
         except Exception as e:           # noqa: BLE001 - the other side still runs
-            answers = [f"error: {e}"] * len(requests)
-        for row, example, answer in zip(rows, examples, answers):
+            answers[label] = [f"error: {e}"] * len(requests)
+    try:
+        for label, texts in generate_together(backends, requests, on_progress).items():
+            answers[label] = texts
+    except Exception as e:               # noqa: BLE001
+        for label in backends:
+            answers.setdefault(label, [f"error: {e}"] * len(requests))
+    for label in labels:
+        for row, example, answer in zip(rows, examples, answers[label]):
             row[label] = answer
             row[f"{label} verdict"] = "" if question else verdict(answer, list(map(str, example.get("answers", []))))
     return rows

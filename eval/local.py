@@ -1,47 +1,41 @@
-"""Local Hugging Face backend: one copy of a base model serves the base and any number of LoRA adapters.
+"""Local Hugging Face models: one copy of a base serves the base and any number of LoRA adapters at once.
 
-    from eval.local import LocalBackend
-    base = LocalBackend("llava-hf/llava-1.5-7b-hf")                       # 4-bit on CUDA, fp32 on CPU
-    tuned = LocalBackend("llava-hf/llava-1.5-7b-hf", "workspace/runs/r1/adapter")
-    base.generate([Request(image, "What is the highest value?")])         # same weights in memory
+    from eval.pool import ModelPool
+    pool = ModelPool()
+    base = pool.backend("local:llava-hf/llava-1.5-7b-hf")                 # bf16 on a GPU it fits, else 4-bit
+    tuned = pool.backend("local:llava-hf/llava-1.5-7b-hf+workspace/runs/r1/adapter")   # same weights in memory
+    base.generate([Request(image, "What is the highest value?")])
 
-Adapters stay unmerged (merging into a 4-bit base loses precision). PEFT's active adapter is global to
-the model, so every switch + generate (and every whole stream) runs under the engine's lock. The base is
-run inside `disable_adapter()`, which also reverts a projector trained through `modules_to_save`.
-torch / transformers / peft are imported inside functions: `import eval.local` stays light.
+An Engine owns one loaded model and a worker thread that runs every generation. Requests that arrive
+together (Compare's two sides, or a benchmark's base and adapter rows) are decoded in ONE batch, each row
+with its own adapter (eval.lora), so both sides stream at once. On CUDA the decode step is a captured CUDA
+graph, warmed up when the model loads. A stream that is closed (Stop, a closed tab) cancels its row, which
+leaves the batch at the next step. Adapters are attached once and never change meaning: a failed attach
+leaves the others as they were. Models other than LLaVA-1.5-style run through `model.generate` instead.
 """
 from __future__ import annotations
 
-import json
-import re
+import queue
 import threading
+import time
 import warnings
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from eval.images import pad_to_square
+from eval.lora import AdapterError, read_config, split_weights, tensor_shapes
 from eval.protocol import Request, trimmed
 
+__all__ = ["AdapterError", "Engine", "LocalBackend", "list_adapters", "read_adapter_config", "skip_modules"]
+
 QUANTIZE = ("auto", "4bit", "none")
+GATHER_S = 0.015            # how long the worker waits for a second stream to batch with the first
 # Top-level module names kept out of 4-bit: vision towers and projectors are small and lose accuracy
 # (and 4-bit + LoRA on the projector breaks its shape), lm_head is kept for output quality.
 _SKIP_LEAVES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "lm_head")
-
-
-class AdapterError(ValueError):
-    """An adapter folder cannot be used with this base; the message says why and what to do."""
-
-
-class _Cancelled:
-    """Stopping criterion that ends generation when a stream's consumer goes away (closed generator),
-    so the engine lock is not held for tokens nobody reads."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+read_adapter_config = read_config
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -49,17 +43,6 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def resolve_quantize(quantize: str, device: str) -> str:
-    if quantize not in QUANTIZE:
-        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)}")
-    on_cuda = device.startswith("cuda")
-    if quantize == "auto":
-        return "4bit" if on_cuda else "none"
-    if quantize == "4bit" and not on_cuda:
-        raise ValueError("4-bit loading needs a CUDA GPU (bitsandbytes on CPU is unreliable); use quantize='none'")
-    return quantize
 
 
 def skip_modules(config) -> list[str]:
@@ -77,6 +60,35 @@ def skip_modules(config) -> list[str]:
     return names
 
 
+def weight_bytes(config) -> int:
+    """Bytes of the model's weights in bf16, counted on the meta device."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return 2 * sum(p.numel() for p in model.parameters())
+
+
+def choose_precision(quantize: str, device: str, config) -> tuple[str, str]:
+    """("4bit" or "none", why). auto: bf16 when the base fits in free GPU memory with room for the KV
+    cache and activations, 4-bit nf4 otherwise; full precision on CPU."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(QUANTIZE)}")
+    on_cuda = device.startswith("cuda")
+    if quantize == "4bit" and not on_cuda:
+        raise ValueError("4-bit loading needs a CUDA GPU (bitsandbytes on CPU is unreliable); use quantize='none'")
+    if quantize != "auto":
+        return quantize, "forced"
+    if not on_cuda:
+        return "none", "CPU"
+    import torch
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    need = weight_bytes(config)
+    if need * 1.25 + 6 * 2**30 <= free:
+        return "none", f"bf16 weights {need / 2**30:.1f} GiB fit in {free / 2**30:.0f} GiB free"
+    return "4bit", f"bf16 weights {need / 2**30:.1f} GiB do not fit in {free / 2**30:.0f} GiB free"
+
+
 def _display_name(path_or_id: str) -> str:
     p = Path(str(path_or_id).rstrip("/"))
     if p.name == "adapter" and p.parent.name:        # workspace/runs/NAME/adapter -> NAME/adapter
@@ -84,37 +96,67 @@ def _display_name(path_or_id: str) -> str:
     return p.name or str(path_or_id)
 
 
-class Engine:
-    """One loaded base model (+ processor) and the adapters attached to it."""
+@dataclass
+class _Job:
+    """Requests submitted together; `mergeable` jobs (single streams) may share a batch with others."""
+    items: list[tuple[Request, int, dict]]          # (request, adapter slot, extra settings)
+    emits: list[Callable[[int], None] | None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    prepared: object = None
+    mergeable: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    result: list[list[int]] | None = None
+    error: BaseException | None = None
 
-    def __init__(self, base: str, quantize: str, device: str, trust_remote_code: bool = False):
-        self.base, self.quantize, self.device = base, quantize, device
+
+class Engine:
+    """One loaded base model (+ processor), the adapters attached to it, and the worker that runs it."""
+
+    def __init__(self, base: str, quantize: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                 graphs: bool = True, on_progress: Callable[[str], None] | None = None):
+        self.base, self.device = base, resolve_device(device)
         self.trust_remote_code = trust_remote_code
-        self.lock = threading.Lock()          # switch + generate (or a whole stream) is one critical section
-        self.adapters: dict[str, str] = {}    # resolved adapter folder -> PEFT adapter name
-        self.load_seconds = 0.0
-        self._load()
+        self.requested = quantize
+        self.adapters_lock = threading.Lock()     # attach/detach vs the worker's forward
+        self.slots: dict[str, int] = {}           # resolved adapter folder -> slot
+        self.warnings_for: dict[str, list[str]] = {}
+        self._jobs: queue.Queue = queue.Queue()
+        self._held: deque = deque()
+        self.busy = False
+        self.batches = 0                          # forward batches run (both Compare sides share one)
+        self.last_used = time.monotonic()
+        say = on_progress or (lambda _msg: None)
+        start = time.perf_counter()
+        self._load(say)
+        self.load_seconds = time.perf_counter() - start
+        self._worker = threading.Thread(target=self._serve, name=f"engine-{_display_name(base)}", daemon=True)
+        self._worker.start()
+        start = time.perf_counter()
+        self.warm_up(say)
+        self.warm_seconds = time.perf_counter() - start
 
     # ---- loading ----
-    def _load(self) -> None:
-        import time
-
+    def _load(self, say) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        start = time.perf_counter()
-        kwargs: dict = {"trust_remote_code": self.trust_remote_code}
-        if self.device.startswith("cuda"):
-            kwargs.update(dtype=torch.bfloat16, device_map={"": self.device})
-        else:
-            kwargs.update(dtype=torch.float32)
-        if self.quantize == "4bit":
-            from transformers import BitsAndBytesConfig
-            config = AutoConfig.from_pretrained(self.base, trust_remote_code=self.trust_remote_code)
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip_modules(config))
+        from eval.engine import Generator
+        from eval.lora import Adapters, Rows
+
         try:
+            config = AutoConfig.from_pretrained(self.base, trust_remote_code=self.trust_remote_code)
+            self.quantize, self.precision_reason = choose_precision(self.requested, self.device, config)
+            say(f"loading {_display_name(self.base)} ({'4-bit nf4' if self.quantize == '4bit' else 'full precision'})")
+            kwargs: dict = {"trust_remote_code": self.trust_remote_code}
+            if self.device.startswith("cuda"):
+                kwargs.update(dtype=torch.bfloat16, device_map={"": self.device})
+            else:
+                kwargs.update(dtype=torch.float32)
+            if self.quantize == "4bit":
+                from transformers import BitsAndBytesConfig
+                kwargs["quantization_config"] = BitsAndBytesConfig(
+                    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip_modules(config))
             model = AutoModelForImageTextToText.from_pretrained(self.base, **kwargs)
             processor = AutoProcessor.from_pretrained(self.base, trust_remote_code=self.trust_remote_code)
         except OSError as e:
@@ -125,15 +167,26 @@ class Engine:
         tokenizer.padding_side = "left"       # decoder-only batched generation continues from the right edge
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.model = model                    # the base object; PEFT injects LoRA layers into it in place
-        self.peft = None                      # the PeftModel wrapper once an adapter is attached
-        self.processor, self.tokenizer = processor, tokenizer
-        self.adapters = {}
-        self._linear_shapes, self._param_shapes = self._shapes(model)
+        self.model, self.processor, self.tokenizer = model, processor, tokenizer
+        self.linear_shapes, self.param_shapes = self._shapes(model)
         text_config = getattr(model.config, "text_config", model.config)
         self.hidden_size = getattr(text_config, "hidden_size", None)
-        self.max_positions = getattr(text_config, "max_position_embeddings", None)
-        self.load_seconds = time.perf_counter() - start
+        self.max_positions = getattr(text_config, "max_position_embeddings", None) or 4096
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.rows = Rows(256, model.device, dtype)
+        self.adapters = Adapters(model, self.rows)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self.fast = model.config.model_type == "llava" and hasattr(model, "lm_head")
+        self.generator = None
+        if self.fast:
+            self.image_tokens = self._count_image_tokens()
+            image_part = self.image_tokens + 128
+            self.generator = Generator(model, self.rows, self.adapters.projectors, self.eos_ids,
+                                       tokenizer.pad_token_id, min(self.max_positions, image_part + 640),
+                                       use_graphs=self.device.startswith("cuda"))
 
     @staticmethod
     def _shapes(model):
@@ -148,277 +201,350 @@ class Engine:
             params[name] = tuple(quant_state.shape if quant_state is not None else p.shape)
         return linear, params
 
-    def attach(self, adapter_dir: str | Path) -> tuple[str, list[str]]:
-        """Attach an adapter once (later calls reuse it); returns (PEFT adapter name, warnings)."""
+    def _count_image_tokens(self) -> int:
+        from PIL import Image
+        prompt = self._prompt(Request(Image.new("RGB", (8, 8)), "x"))
+        ids = self.processor(text=[prompt], images=[Image.new("RGB", (8, 8))], return_tensors="pt")["input_ids"]
+        return int((ids == self.model.config.image_token_id).sum())
+
+    def warm_up(self, say=lambda _msg: None) -> None:
+        """Run each captured batch shape once (graph capture), so no user's first click pays for it."""
+        from PIL import Image
+        image = Image.new("RGB", (32, 32), "white")
+        shapes = (1, 2) if self.generator is not None and self.generator.use_graphs else (1,)
+        modes = [0] + ([max(self.slots.values())] if self.slots else [])
+        for slot in modes:
+            for n in shapes:
+                say(f"warming up: batch {n}" + (" with adapters" if slot else ""))
+                self.generate([Request(image, "warm up", max_new_tokens=3)] * n, [slot] * n, {"min_new_tokens": 3})
+
+    def describe(self) -> str:
+        precision = "4-bit nf4" if self.quantize == "4bit" else ("bf16" if self.device.startswith("cuda") else "fp32")
+        decode = "CUDA graphs" if self.generator is not None and self.generator.use_graphs and \
+            self.generator.graph_error is None else ("eager" if self.generator is not None else "model.generate")
+        return f"{precision} ({self.precision_reason}), decode: {decode}"
+
+    # ---- adapters ----
+    def attach(self, adapter_dir: str | Path) -> tuple[int, list[str]]:
+        """Attach an adapter once (later calls reuse it); returns (slot, warnings)."""
         path = Path(adapter_dir).expanduser().resolve()
         key = str(path)
-        with self.lock:
-            if key in self.adapters:
-                return self.adapters[key], []
+        with self.adapters_lock:
+            if key in self.slots:
+                return self.slots[key], self.warnings_for[key]
             notes = check_adapter(path, self)
-            name = f"adapter_{len(self.adapters) + 1}"
-            self._load_adapter(path, name)
-            self.adapters[key] = name
-            return name, notes
-
-    def _load_adapter(self, path: Path, name: str) -> None:
-        from peft import PeftModel
-
-        try:
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-            else:
-                self.peft.load_adapter(str(path), adapter_name=name)
-            self.peft.eval()
-        except Exception as e:
-            # A failed load may leave half-injected LoRA layers behind: reload a clean base.
-            self._load()
-            raise AdapterError(f"adapter {str(path)!r} does not load into base {self.base!r}: "
-                               f"{_short(e)}") from e
+            loras, projector = split_weights(path, read_config(path), set(self.linear_shapes))
+            slot = self.adapters.attach(key, loras, projector)
+            self.slots[key], self.warnings_for[key] = slot, notes
+            if self.generator is not None:
+                self.generator.forget_graphs(adapters_only=True)
+        return slot, notes
 
     # ---- generation ----
-    def _inputs(self, requests: list[Request]):
-        conversations, images = [], []
-        for r in requests:
-            content = ([{"type": "image"}] if r.image is not None else []) + [{"type": "text", "text": r.question}]
-            conversations.append([{"role": "user", "content": content}])
-            if r.image is not None:
+    def _prompt(self, r: Request) -> str:
+        content = ([{"type": "image"}] if r.image is not None else []) + [{"type": "text", "text": r.question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, items: list[tuple[Request, int, dict]], emits=None, cancel=None):
+        """CPU work of a batch (templates, tokens, pixels; each distinct image processed once)."""
+        from eval.engine import Batch, Row
+
+        images, index = [], {}
+        for r, _, _ in items:
+            if r.image is not None and id(r.image) not in index:
+                index[id(r.image)] = len(images)
                 images.append(pad_to_square(r.image.convert("RGB")))
-        prompts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations]
-        kwargs = {"text": prompts, "return_tensors": "pt", "padding": True}
-        if images:
-            kwargs["images"] = images
-        inputs = self.processor(**kwargs).to(self.model.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self._vision_dtype())
-        length = inputs["input_ids"].shape[1]
-        longest = max(r.max_new_tokens for r in requests)
-        if self.max_positions and length + longest > self.max_positions:
-            raise ValueError(f"prompt is {length} tokens + {longest} new tokens, but the model's context is "
+        image_token = getattr(self.processor, "image_token", "<image>")
+        texts = [self._prompt(r).replace(image_token, image_token * self.image_tokens) for r, _, _ in items]
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+        rows = []
+        for i, ((r, slot, extra), tokens) in enumerate(zip(items, ids)):
+            self._check_length(len(tokens), r.max_new_tokens)
+            rows.append(Row(ids=tokens, image=index[id(r.image)] if r.image is not None else None, slot=slot,
+                            max_new=r.max_new_tokens, min_new=int(extra.get("min_new_tokens", 0)),
+                            temperature=r.temperature, top_p=r.top_p, emit=emits[i] if emits else None, cancel=cancel))
+        return Batch(rows, pixels)
+
+    def _check_length(self, prompt: int, new: int) -> None:
+        if prompt + new > self.max_positions:
+            raise ValueError(f"prompt is {prompt} tokens + {new} new tokens, but the model's context is "
                              f"{self.max_positions} tokens: shorten the question or max new tokens")
-        return inputs
 
-    def _vision_dtype(self):
-        for p in self.model.parameters():
-            if p.is_floating_point() and getattr(p, "quant_state", None) is None:
-                return p.dtype
+    def _run(self, jobs: list[_Job]) -> list[list[int]]:
+        with self.adapters_lock:
+            if self.generator is None:
+                return self._hf_generate(jobs)
+            rows, pixels = [], []
+            for job in jobs:
+                batch = job.prepared or self.prepare(job.items, job.emits, job.cancel)
+                offset = sum(p.shape[0] for p in pixels)
+                for row in batch.rows:
+                    row.image = None if row.image is None else row.image + offset
+                rows += batch.rows
+                if batch.pixel_values is not None:
+                    pixels.append(batch.pixel_values)
+            import torch
+
+            from eval.engine import Batch
+            return self.generator.run(Batch(rows, torch.cat(pixels) if pixels else None))
+
+    def _hf_generate(self, jobs: list[_Job]) -> list[list[int]]:
+        """Any other image-text model: transformers' generate, one adapter slot at a time."""
         import torch
-        return torch.float32
+        out = []
+        for job in jobs:
+            for (r, slot, extra), emit in zip(job.items, job.emits):
+                kwargs = {"text": [self._prompt(r)], "return_tensors": "pt"}
+                if r.image is not None:
+                    kwargs["images"] = [pad_to_square(r.image.convert("RGB"))]
+                inputs = self.processor(**kwargs).to(self.model.device)
+                if "pixel_values" in inputs:
+                    inputs["pixel_values"] = inputs["pixel_values"].to(next(self.model.parameters()).dtype)
+                self._check_length(inputs["input_ids"].shape[1], r.max_new_tokens)
+                self.rows.set([slot])
+                settings = {"max_new_tokens": r.max_new_tokens, "min_new_tokens": int(extra.get("min_new_tokens", 0)),
+                            "do_sample": r.temperature > 0, "pad_token_id": self.tokenizer.pad_token_id}
+                if r.temperature > 0:
+                    settings.update(temperature=r.temperature, top_p=r.top_p)
+                with torch.inference_mode(), self.adapters.projector_of(slot):
+                    ids = self.model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1]:].tolist()
+                ids = [t for t in ids if t not in self.eos_ids]
+                for t in ids:
+                    if emit:
+                        emit(t)
+                out.append(ids)
+        return out
 
-    @staticmethod
-    def _settings(request: Request, extra: dict) -> dict:
-        settings = {"max_new_tokens": request.max_new_tokens}
-        if request.temperature > 0:
-            settings.update(do_sample=True, temperature=request.temperature, top_p=request.top_p)
-        else:
-            settings["do_sample"] = False
-        return {**settings, **extra}
-
-    def _activate(self, adapter: str | None):
-        """Context manager selecting `adapter` (None = the base). Call with the lock held."""
-        import contextlib
-        if adapter is None:
-            return self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
-        self.peft.set_adapter(adapter)
-        return contextlib.nullcontext()
-
-    def generate(self, requests: list[Request], adapter: str | None, extra: dict | None = None) -> list[str]:
+    def _serve(self) -> None:
+        """The worker: take a job, gather streams that arrive with it, run them as one batch."""
         import torch
-
-        # Requests with and without images cannot share one processor call; settings must be equal in a batch.
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.image is None, r.max_new_tokens, r.temperature, r.top_p), []).append(i)
-        answers: list[str] = [""] * len(requests)
-        with self.lock, torch.inference_mode():
-            for indices in groups.values():
-                batch = [requests[i] for i in indices]
-                inputs = self._inputs(batch)
-                with self._activate(adapter):
-                    out = self.model.generate(**inputs, **self._settings(batch[0], extra or {}))
-                texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-                for i, text in zip(indices, texts):
-                    answers[i] = text.strip()
-        return answers
-
-    def next_token_logits(self, request: Request, adapter: str | None):
-        """Scores for the first answer token (float32, CPU): a tie-proof check that two ways of running
-        a model compute the same thing, where greedy text can flip on near-equal bf16 logits."""
-        import torch
-        with self.lock, torch.inference_mode():
-            inputs = self._inputs([request])
-            with self._activate(adapter):
-                return self.model(**inputs).logits[0, -1].float().cpu()
-
-    def stream(self, request: Request, adapter: str | None, extra: dict | None = None) -> Iterator[str]:
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-        with self.lock:
-            inputs = self._inputs([request])
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            cancel, errors = threading.Event(), []
-            settings = self._settings(request, extra or {})
-
-            def run():
-                try:
-                    with torch.inference_mode(), self._activate(adapter):
-                        self.model.generate(**inputs, **settings, streamer=streamer,
-                                            stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
-                except BaseException as e:      # surface it to the reader instead of leaving it waiting
-                    errors.append(e)
-                    streamer.end()
-
-            thread = threading.Thread(target=run, name="local-stream", daemon=True)
-            thread.start()
+        torch.set_grad_enabled(False)
+        while True:
+            job = self._held.popleft() if self._held else self._jobs.get()
+            if job is None:                       # close(): the engine is being dropped
+                return
+            jobs = [job]
+            if job.mergeable:
+                deadline = time.monotonic() + GATHER_S
+                while len(jobs) < 4:
+                    try:
+                        more = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if more is None or not more.mergeable:
+                        self._held.append(more)
+                        break
+                    jobs.append(more)
+            for j in [j for j in jobs if j.mergeable and j.cancel.is_set()]:     # closed before it started
+                jobs.remove(j)
+                j.result = [[]]
+                j.done.set()
+            if not jobs:
+                continue
+            self.busy, self.last_used = True, time.monotonic()
+            self.batches += 1
             try:
-                # Trim like generate() does: hold whitespace back until more text follows it.
-                yield from trimmed(streamer)
-                if errors:
-                    raise errors[0]
+                results = self._run(jobs)
+                k = 0
+                for j in jobs:
+                    j.result, k = results[k:k + len(j.items)], k + len(j.items)
+            except BaseException as e:  # noqa: BLE001 - handed to every waiting caller
+                for j in jobs:
+                    j.error = e
             finally:
-                cancel.set()
-                thread.join()
+                self.busy, self.last_used = False, time.monotonic()
+                for j in jobs:
+                    j.done.set()
+
+    def close(self) -> None:
+        """Stop the worker once its queue is done, so nothing keeps the model alive."""
+        self._jobs.put(None)
+
+    def submit(self, job: _Job) -> _Job:
+        self._jobs.put(job)
+        return job
+
+    def generate(self, requests: list[Request], slots: list[int], extra: dict | None = None) -> list[str]:
+        if not requests:
+            return []
+        items = [(r, s, extra or {}) for r, s in zip(requests, slots)]
+        job = _Job(items, [None] * len(items))
+        job.prepared = self.prepare(items) if self.generator is not None else None   # in the caller's thread
+        self.submit(job).done.wait()
+        if job.error is not None:
+            raise job.error
+        return [self.decode(ids).strip() for ids in job.result]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def stream(self, request: Request, slot: int, extra: dict | None = None) -> "TokenStream":
+        return TokenStream(self, request, slot, extra or {})
 
 
-def _short(e: Exception, limit: int = 400) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:limit]
+class Detokenizer:
+    """Token ids in, new text out, cut only where the text is final: a character whose bytes are split
+    across tokens (shown as U+FFFD until complete) is held back, as is text a later token would rewrite."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.sent = decode, [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        piece = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent += piece
+        return piece
 
 
-def read_adapter_config(adapter_dir: Path) -> dict:
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise AdapterError(f"adapter folder not found: {path}")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"{path} is not a PEFT adapter folder (no adapter_config.json); give the folder "
-                           "that training saved the adapter in, e.g. workspace/runs/NAME/adapter")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{config_file} is not valid JSON ({e.msg})") from None
+class TokenStream:
+    """Text of one generation as it is produced, cut only on character boundaries (a multi-byte
+    character split across tokens is held back until complete). `tokens` counts the tokens so far.
+    Closing it (or dropping it half-read) cancels the generation at the engine's next step."""
 
+    exact = True
 
-def _adapter_shapes(adapter_dir: Path) -> dict[str, tuple]:
-    """Tensor shapes from the adapter's weight file header (safetensors: no weights are read)."""
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-        with safe_open(str(weights), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    if (adapter_dir / "adapter_model.bin").is_file():
-        # .bin is a pickle: loading one from an untrusted folder can run code, so only safetensors is read.
-        raise AdapterError(f"{adapter_dir} holds adapter_model.bin (a pickle); the studio loads only safetensors. "
-                           "Re-save it with PeftModel.save_pretrained(dir, safe_serialization=True).")
-    raise AdapterError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors (or .bin)")
+    def __init__(self, engine: Engine, request: Request, slot: int, extra: dict):
+        self.engine, self.tokens = engine, 0
+        self._queue: queue.Queue = queue.Queue()
+        self._job = _Job([(request, slot, extra)], [self._queue.put], mergeable=True)
+        engine.submit(self._job)
+        self._pieces = self._read()
 
+    def _read(self) -> Iterator[str]:
+        text = Detokenizer(self.engine.decode)
+        try:
+            while True:
+                try:
+                    token = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    if self._job.done.is_set() and self._queue.empty():
+                        break
+                    continue
+                self.tokens += 1
+                piece = text.add(token)
+                if piece:
+                    yield piece
+            if self._job.error is not None:
+                raise self._job.error
+            rest = text.flush()
+            if rest:
+                yield rest
+        finally:
+            self._job.cancel.set()
 
-def _adapter_hidden_size(shapes: dict[str, tuple]) -> int | None:
-    """The language model's width an adapter was trained for: the input size of its q_proj LoRA."""
-    for key, shape in sorted(shapes.items()):
-        if re.search(r"language_model.*\.q_proj\.lora_A\.weight$", key) or key.endswith("q_proj.lora_A.weight"):
-            return shape[1]
-    return None
+    def __iter__(self):
+        return trimmed(self._pieces)
+
+    def close(self) -> None:
+        self._job.cancel.set()          # the engine drops this row at its next step
+        try:
+            self._pieces.close()
+        except ValueError:              # being read in another thread: the cancel flag ends it there
+            pass
 
 
 def check_adapter(adapter_dir: Path, engine: Engine) -> list[str]:
     """Raise AdapterError when the adapter cannot fit the engine's base; return warnings otherwise."""
-    config = read_adapter_config(adapter_dir)
+    config = read_config(adapter_dir)
     notes = []
     trained_on = config.get("base_model_name_or_path")
     if trained_on and _display_name(trained_on).lower() != _display_name(engine.base).lower():
         notes.append(f"adapter {_display_name(str(adapter_dir))} was trained on {trained_on!r}, "
                      f"not {engine.base!r}; answers may be poor")
-    if config.get("peft_type", "LORA") != "LORA":
-        return notes                          # other PEFT types: leave the checks to PEFT's own loader
-    names = list(engine._linear_shapes)
-    shapes = _adapter_shapes(adapter_dir)
-    for key, shape in sorted(shapes.items()):
-        module = re.sub(r"^base_model\.model\.", "", key)
-        match = re.match(r"(.+)\.lora_([AB])\.weight$", module)
-        if match:
-            target, which = match.groups()
-            if target not in engine._linear_shapes:
-                raise AdapterError(
-                    f"adapter {str(adapter_dir)!r} targets {target!r}, which base {engine.base!r} does not have "
-                    f"(its layers are named like {names[len(names) // 2]!r}). It was made for another "
-                    "architecture or naming; adapters from the original LLaVA code must be converted to the "
-                    "Hugging Face layout first.")
-            fan_in, fan_out = engine._linear_shapes[target]
-            got = shape[1] if which == "A" else shape[0]
-            want = fan_in if which == "A" else fan_out
-            if got != want:
-                where = f"{target} has {want} {'inputs' if which == 'A' else 'outputs'} here, the adapter expects {got}"
-                hidden = _adapter_hidden_size(shapes)
-                sizes = (f"was trained for a model with hidden size {hidden}; this base ({engine.base}) has "
-                         f"{engine.hidden_size}" if hidden and engine.hidden_size and hidden != engine.hidden_size
-                         else f"does not fit this base ({engine.base})")
-                hint = (f"Use the base it was trained on ({trained_on})." if notes else
-                        "Use the base it was trained on.")
-                raise AdapterError(f"adapter {str(adapter_dir)!r} {sizes} ({where}). {hint}")
-        elif not re.search(r"\.lora_\w+", module) and module in engine._param_shapes:
-            if tuple(shape) != engine._param_shapes[module]:     # modules_to_save, e.g. the projector
-                raise AdapterError(
-                    f"adapter {str(adapter_dir)!r} holds {module} of shape {list(shape)}, but this base "
-                    f"({engine.base}) has {list(engine._param_shapes[module])}: it was trained for another model.")
+    shapes = tensor_shapes(adapter_dir)
+    a_shapes = {k.removeprefix("base_model.model.")[:-len(".lora_A.weight")]: v for k, v in shapes.items()
+                if k.endswith("lora_A.weight")}
+    hidden = next((v[1] for k, v in sorted(a_shapes.items()) if k.endswith("q_proj")), None)
+    for target, shape in sorted(a_shapes.items()):
+        if target in engine.linear_shapes and shape[1] != engine.linear_shapes[target][0]:
+            fan_in = engine.linear_shapes[target][0]
+            size = (f"was trained for a model with hidden size {hidden}; this base ({engine.base}) has "
+                    f"{engine.hidden_size}" if hidden and hidden != engine.hidden_size
+                    else f"does not fit this base ({engine.base})")
+            hint = f"Use the base it was trained on ({trained_on})." if notes else "Use the base it was trained on."
+            raise AdapterError(f"adapter {str(adapter_dir)!r} {size} ({target} has {fan_in} inputs here, the "
+                               f"adapter expects {shape[1]}). {hint}")
     return notes
 
 
-_ENGINES: dict[tuple, Engine] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def get_engine(base: str, quantize: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> Engine:
-    """The one Engine for (base, quantize, device), loaded on first use."""
-    device = resolve_device(device)
-    quantize = resolve_quantize(quantize, device)
-    local = Path(base).expanduser()
-    base_key = str(local.resolve()) if local.exists() else base
-    key = (base_key, quantize, device)
-    with _ENGINES_LOCK:      # held while loading, so two callers never load the same base twice
-        if key not in _ENGINES:
-            _ENGINES[key] = Engine(base_key, quantize, device, trust_remote_code)
-        return _ENGINES[key]
-
-
-def loaded_engines() -> dict[tuple, Engine]:
-    with _ENGINES_LOCK:
-        return dict(_ENGINES)
-
-
-def release_engines() -> None:
-    """Forget every loaded base (frees its memory once no backend refers to it)."""
-    with _ENGINES_LOCK:
-        _ENGINES.clear()
-    import gc
-    gc.collect()
-
-
 class LocalBackend:
-    """A base model, or base + one adapter, served from the shared engine for that base."""
+    """A base model, or base + one adapter, served from an engine of a ModelPool."""
 
-    def __init__(self, base: str, adapter: str | Path | None = None, quantize: str = "auto",
-                 device: str = "auto", trust_remote_code: bool = False, generate_kwargs: dict | None = None):
-        if adapter is not None:
-            read_adapter_config(Path(adapter).expanduser())   # fail fast, before loading a big base
-        self.engine = get_engine(str(base), quantize, device, trust_remote_code)
+    streams = True
+
+    def __init__(self, engine: Engine, adapter: str | Path | None = None, generate_kwargs: dict | None = None):
+        self.engine = engine
         self.adapter_dir = Path(adapter).expanduser().resolve() if adapter is not None else None
-        self.adapter_name, self.warnings = (None, [])
+        self.slot, self.warnings = 0, []
         if self.adapter_dir is not None:
-            self.adapter_name, self.warnings = self.engine.attach(self.adapter_dir)
+            read_config(self.adapter_dir)          # a clear message for a folder that is not an adapter
+            self.slot, self.warnings = engine.attach(self.adapter_dir)
             for note in self.warnings:
                 warnings.warn(note, stacklevel=2)
-        self.name = _display_name(str(base)) + (f" + {_display_name(str(self.adapter_dir))}" if adapter else "")
-        self.max_batch = 8 if self.engine.device.startswith("cuda") else 4
+        self.name = _display_name(engine.base) + (f" + {_display_name(str(self.adapter_dir))}" if adapter else "")
+        on_cuda = engine.device.startswith("cuda")
+        self.max_batch = engine_batch(engine) if on_cuda else 4
+        unknown = set(generate_kwargs or {}) - {"min_new_tokens"}
+        if unknown:
+            raise ValueError(f"generate_kwargs {sorted(unknown)} are not supported; only min_new_tokens is")
         self.generate_kwargs = dict(generate_kwargs or {})   # e.g. min_new_tokens for benchmarks
 
     def generate(self, requests: list[Request]) -> list[str]:
-        return self.engine.generate(list(requests), self.adapter_name, self.generate_kwargs) if requests else []
+        return self.engine.generate(list(requests), [self.slot] * len(requests), self.generate_kwargs)
 
-    def stream(self, request: Request) -> Iterator[str]:
-        return self.engine.stream(request, self.adapter_name, self.generate_kwargs)
+    def stream(self, request: Request) -> TokenStream:
+        return self.engine.stream(request, self.slot, self.generate_kwargs)
+
+
+def generate_together(backends: dict, requests: list[Request], on_progress=None) -> dict[str, list[str]]:
+    """Answers of every backend (by label) to the same requests. Local backends on one engine share
+    each batch (the base and every adapter in one forward, each image encoded once); others go in
+    chunks of their own max_batch. on_progress(label, done, total) after each chunk."""
+    out: dict[str, list[str]] = {label: [] for label in backends}
+    groups: dict[tuple, list[str]] = {}
+    for label, backend in backends.items():
+        key = ("engine", id(backend.engine)) if isinstance(backend, LocalBackend) else ("own", label)
+        groups.setdefault(key, []).append(label)
+    for labels in groups.values():
+        first = backends[labels[0]]
+        step = max(1, first.max_batch // len(labels))
+        for start in range(0, len(requests), step):
+            chunk = requests[start:start + step]
+            if isinstance(first, LocalBackend):
+                texts = first.engine.generate(chunk * len(labels), [backends[k].slot for k in labels for _ in chunk],
+                                              first.generate_kwargs)
+                for k, label in enumerate(labels):
+                    out[label] += texts[k * len(chunk):(k + 1) * len(chunk)]
+            else:
+                out[labels[0]] += first.generate(chunk)
+            if on_progress:
+                for label in labels:
+                    on_progress(label, len(out[label]), len(requests))
+    return out
+
+
+def engine_batch(engine: Engine, new_tokens: int = 16) -> int:
+    """Rows per batch from free GPU memory: each row holds its KV cache (prompt + new tokens) and
+    prefill activations; half the free memory is used."""
+    import torch
+    config = getattr(engine.model.config, "text_config", engine.model.config)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    tokens = getattr(engine, "image_tokens", 576) + 64 + new_tokens
+    kv = 2 * config.num_hidden_layers * heads * head_dim * tokens * 2
+    activations = tokens * (config.hidden_size * 6 + config.intermediate_size * 3) * 2
+    free, _ = torch.cuda.mem_get_info(torch.device(engine.device))
+    return int(max(1, min(256, free * 0.5 // (kv + activations))))
 
 
 def list_adapters(workspace: str | Path) -> list[Path]:

@@ -2,6 +2,8 @@
 cross tabs. Each tab lives in its own `<name>_tab.py` with one `build(studio)`."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from studio import benchmark_tab, charts_tab, compare_tab, finetune_tab
@@ -16,15 +18,17 @@ footer { display: none !important; }
 def header(studio: Studio) -> str:
     import torch
 
-    device = f"CUDA ({torch.cuda.get_device_name(0)}), 4-bit" if torch.cuda.is_available() else "CPU, full precision"
+    device = f"CUDA ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
     adapter = f" · adapter `{studio.adapter}`" if studio.adapter else ""
+    loaded = studio.pool.loaded()
+    modes = " · ".join(f"`{Path(e['base']).name}`: {e['mode']}" for e in loaded) or "no model loaded yet"
     return (f"## LLaVA Chart Studio\nBase model `{studio.base}`{adapter} · {device} · "
-            f"workspace `{studio.workspace}`")
+            f"workspace `{studio.workspace}`\n\nLoaded: {modes}")
 
 
 def build_app(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="LLaVA Chart Studio") as app:
-        gr.Markdown(header(studio))
+        gr.Markdown(lambda: header(studio))      # re-read on every page load
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare"):
                 compare = compare_tab.build(studio)

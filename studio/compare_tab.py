@@ -54,7 +54,7 @@ def build(studio: Studio) -> dict:
     default_a = f"local:{studio.base}"
     default_b = f"local:{studio.base}+{studio.adapter}" if studio.adapter else default_a
     datasets = _datasets(studio)
-    result = gr.State({})
+    result = gr.State(None)
     with gr.Row():
         kind_a, side_a, answer_a, verdict_a, stats_a = _side_panel(studio, "A", default_a)
         kind_b, side_b, answer_b, verdict_b, stats_b = _side_panel(studio, "B", default_b)
@@ -76,6 +76,9 @@ def build(studio: Studio) -> dict:
                 run = gr.Button("Compare", variant="primary")
                 regenerate = gr.Button("Regenerate")
                 stop = gr.Button("Stop")
+            with gr.Row():
+                pool_status = gr.Markdown()
+                unload_button = gr.Button("Unload models", size="sm", scale=0)
     gr.Examples(_examples(), inputs=[image, question], label="Example charts (assets/examples)")
     with gr.Row():
         votes = [gr.Button(v, size="sm") for v in compare.VOTES]
@@ -109,12 +112,14 @@ def build(studio: Studio) -> dict:
         golds = " | ".join(map(str, ex.get("answers", [])))
         return ex["image"], ex["question"], f"**Gold:** {golds} · {ex.get('chart_type', '')} · {ex.get('family', '')}", ex
 
-    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex):
+    latest: dict[str, object] = {}         # session -> its newest run: a new click ends the older one
+
+    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, request: gr.Request):
         try:
             q = compare.check_question(q)
             img = load_image(img_path) if img_path else None
         except (ValueError, ImageError) as e:
-            yield ("", "", f"**{e}**", "", "", f"**{e}**", {})
+            yield ("", "", f"**{e}**", "", "", f"**{e}**", None)
             return
         golds = list(map(str, ex.get("answers", []))) if ex and ex.get("question") == q else []
         refs = []
@@ -123,19 +128,26 @@ def build(studio: Studio) -> dict:
                 refs.append(compare.to_ref(ref, kind, studio.base))
             except ValueError:
                 refs.append("")           # that side reports "pick a model"; the other still runs
-        request = Request(img, q, max_new_tokens=int(max_new), temperature=float(temp))
+        request_ = Request(img, q, max_new_tokens=int(max_new), temperature=float(temp))
         settings = {"max_new_tokens": int(max_new), "temperature": float(temp)}
-        for sides in compare.compare_stream(refs, request):
-            out = []
-            for s in sides:
-                text = s.text if not s.error else ""
-                out += [text, compare.verdict(s.text, golds) if s.done and not s.error else "",
-                        (f"**{s.error}**\n\n" if s.error else "") + s.stats()]
-            state = {"question": q, "image": img_path, "example_id": ex.get("id") if golds else None,
-                     "gold": golds, "settings": settings,
-                     "sides": [{"ref": s.ref, "name": s.name, "text": s.text, "error": s.error, "stats": s.stats(),
-                                "verdict": out[3 * i + 1]} for i, s in enumerate(sides)]}
-            yield (*out, state)
+        session, token = getattr(request, "session_hash", None) or "", object()
+        latest[session] = token
+        stream = compare.compare_stream(refs, request_, studio.pool, {"local": studio.local_options()}, golds)
+        try:
+            for sides in stream:
+                if latest.get(session) is not token:
+                    return                # a newer Compare click in this session took over
+                out = []
+                for s in sides:
+                    out += [s.text if not s.error else "", s.verdict,
+                            (f"**{s.error}**\n\n" if s.error else "") + s.stats()]
+                yield (*out, compare.CompareResult(q, sides, img_path, ex.get("id") if golds else None, golds,
+                                                   settings))
+        finally:
+            stream.close()                # ends both sides' generations (Stop, a new click, a closed tab)
+
+    def stopped(*stats):
+        return [s.replace(" · streaming", " · stopped").replace("waiting…", "stopped") for s in stats]
 
     def vote(label, note_text, res):
         try:
@@ -145,13 +157,17 @@ def build(studio: Studio) -> dict:
             return f"**{e}**", note_text
 
     def export(res):
-        if not res:
+        if res is None:
             return None
-        img = load_image(res["image"]) if res.get("image") else None
+        img = load_image(res.image) if res.image else None
         path = studio.path("exports", f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(compare.export_html(res, img), encoding="utf-8")
         return str(path)
+
+    def unload():
+        count = studio.pool.unload()
+        return f"unloaded {count} model(s); the next Compare loads what it needs"
 
     def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, progress=gr.Progress()):
         try:
@@ -161,7 +177,7 @@ def build(studio: Studio) -> dict:
             q = compare.check_question(q) if q and q.strip() else None
         except Exception as e:           # noqa: BLE001
             return f"**{e}**", None
-        rows = compare.batch_compare(refs, examples, q, int(max_new),
+        rows = compare.batch_compare(refs, examples, q, studio.pool, int(max_new), {"local": studio.local_options()},
                                      on_progress=lambda side, done, total: progress(done / total, desc=f"side {side}"))
         import pandas as pd
         return f"{len(rows)} examples · A = {refs[0]} · B = {refs[1]}", pd.DataFrame(rows)
@@ -174,8 +190,9 @@ def build(studio: Studio) -> dict:
     outputs = [answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b, result]
     runs = [button.click(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
             for button in (run, regenerate)]
-    question.submit(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    stop.click(None, cancels=runs)
+    runs.append(question.submit(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None))
+    stop.click(stopped, inputs=[stats_a, stats_b], outputs=[stats_a, stats_b], cancels=runs)
+    unload_button.click(unload, outputs=pool_status)
     for button in votes:
         button.click(vote, inputs=[button, note, result], outputs=[vote_status, note])
     export_button.click(export, inputs=result, outputs=export_file)

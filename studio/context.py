@@ -1,8 +1,11 @@
-"""What every tab is given: where the workspace is and which demo/base model the studio opened with."""
+"""What every tab is given: where the workspace is, which base/adapter the studio opened with, and the
+model pool that owns every loaded model (one copy of each base, shared by all tabs and users)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from eval.pool import ModelPool
 
 
 @dataclass(frozen=True)
@@ -10,6 +13,11 @@ class Studio:
     workspace: Path           # datasets/, runs/, evals/, jobs.jsonl, endpoints.json, votes.jsonl
     base: str                 # base model: a local folder or a hub id
     adapter: str | None = None  # default LoRA adapter folder for side B, if any
+    pool: ModelPool = field(default_factory=ModelPool, compare=False)
+    quantize: str = "auto"    # auto: bf16 when the base fits the GPU, else 4-bit; "4bit" / "none" force one
 
     def path(self, *parts: str) -> Path:
         return self.workspace.joinpath(*parts)
+
+    def local_options(self) -> dict:
+        return {"quantize": self.quantize}

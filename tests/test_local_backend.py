@@ -1,17 +1,20 @@
-"""LocalBackend: one base copy serves the base and LoRA adapters, with answers identical to separate runs."""
+"""The local engine: one base copy serves the base and LoRA adapters in shared batches, with answers
+identical to separate runs, streams that cut on character boundaries, and cancellation that frees it."""
 import json
 import threading
+import time
 
 import pytest
 from PIL import Image
 
-from eval.local import AdapterError, LocalBackend, list_adapters, loaded_engines, release_engines, skip_modules
+from eval.local import AdapterError, Detokenizer, list_adapters, skip_modules
+from eval.pool import ModelPool
 from eval.protocol import Request
 
 LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True):
+def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True, target=LM_LINEARS):
     """A random LoRA adapter (init_lora_weights=False so it changes answers), optionally for a base whose
     language model has another hidden size, optionally with the projector in modules_to_save."""
     import torch
@@ -26,10 +29,10 @@ def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True):
         config.text_config.intermediate_size = hidden_size * 2
         model = AutoModelForImageTextToText.from_config(config)
     torch.manual_seed(seed)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=LM_LINEARS, init_lora_weights=False,
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False,
                       modules_to_save=["multi_modal_projector"] if projector else None, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
-    if projector:   # a "trained" projector, so disable_adapter must revert it for the base's answers
+    if projector:   # a "trained" projector, so the base's rows must keep the base's own
         with torch.no_grad():
             for p in peft_model.base_model.model.model.multi_modal_projector.modules_to_save["default"].parameters():
                 p.add_(torch.randn_like(p) * 0.5)
@@ -40,6 +43,11 @@ def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True):
 @pytest.fixture(scope="module")
 def adapter(demo_model, tmp_path_factory):
     return make_adapter(demo_model, tmp_path_factory.mktemp("runs") / "r1" / "adapter")
+
+
+@pytest.fixture(scope="module")
+def adapter2(demo_model, tmp_path_factory):
+    return make_adapter(demo_model, tmp_path_factory.mktemp("runs") / "r2" / "adapter", seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -54,42 +62,128 @@ def singles(backend, requests):
     return [backend.generate([r])[0] for r in requests]
 
 
-def test_base_and_adapter_from_one_copy_match_separate_runs(demo_model, adapter, requests_):
-    release_engines()
-    base_alone = singles(LocalBackend(str(demo_model)), requests_)
-    release_engines()
-    tuned_alone = singles(LocalBackend(str(demo_model), adapter), requests_)   # never runs disable_adapter
-    release_engines()
+def peft_answers(demo_model, adapter, requests):
+    """What plain transformers + PEFT generate: the reference the engine must reproduce."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    base, tuned = LocalBackend(str(demo_model)), LocalBackend(str(demo_model), adapter)
-    assert len(loaded_engines()) == 1 and base.engine is tuned.engine
-    assert tuned_alone != base_alone, "the random adapter should change the answers"
-    # interleaved, so every switch direction is exercised
-    assert singles(tuned, requests_) == tuned_alone
-    assert singles(base, requests_) == base_alone
-    assert singles(tuned, requests_) == tuned_alone
-
-
-def test_batch_matches_single_requests(demo_model, adapter, requests_):
-    for backend in (LocalBackend(str(demo_model)), LocalBackend(str(demo_model), adapter)):
-        assert backend.generate(requests_) == singles(backend, requests_)
-
-
-def test_stream_concatenation_equals_generate(demo_model, adapter, requests_):
-    for backend in (LocalBackend(str(demo_model)), LocalBackend(str(demo_model), adapter)):
-        for r in requests_:
-            pieces = list(backend.stream(r))
-            assert pieces and "".join(pieces) == backend.generate([r])[0]
+    from eval.images import pad_to_square
+    model = AutoModelForImageTextToText.from_pretrained(demo_model).eval()
+    processor = AutoProcessor.from_pretrained(demo_model)
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval() if adapter else None
+    out = []
+    for r in requests:
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": r.question}]}], add_generation_prompt=True)
+        x = processor(text=[prompt], images=[pad_to_square(r.image)], return_tensors="pt")
+        with torch.inference_mode():
+            ids = (peft or model).generate(**x, max_new_tokens=r.max_new_tokens, do_sample=False)
+        out.append(processor.tokenizer.decode(ids[0, x["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return out
 
 
-def test_concurrent_base_and_adapter_threads_give_sequential_answers(demo_model, adapter, requests_):
-    base, tuned = LocalBackend(str(demo_model)), LocalBackend(str(demo_model), adapter)
+def test_base_and_adapter_from_one_copy_match_plain_transformers_and_peft(demo_model, adapter, requests_):
+    pool = ModelPool()
+    base, tuned = pool.backend(f"local:{demo_model}"), pool.backend(f"local:{demo_model}+{adapter}")
+    assert base.engine is tuned.engine and len(pool.loaded()) == 1
+    expected_base, expected_tuned = peft_answers(demo_model, None, requests_), peft_answers(demo_model, adapter, requests_)
+    assert expected_base != expected_tuned, "the random adapter should change the answers"
+    # interleaved, so every order of rows is exercised
+    assert singles(tuned, requests_) == expected_tuned
+    assert singles(base, requests_) == expected_base
+    assert singles(tuned, requests_) == expected_tuned
+
+
+def test_mixed_batches_and_batches_match_single_requests(demo_model, adapter, adapter2, requests_):
+    pool = ModelPool()
+    backends = [pool.backend(f"local:{demo_model}" + (f"+{a}" if a else "")) for a in (None, adapter, adapter2)]
+    alone = [singles(b, requests_) for b in backends]
+    engine = backends[0].engine
+    mixed = engine.generate(requests_ * 3, [b.slot for b in backends for _ in requests_])
+    assert mixed == alone[0] + alone[1] + alone[2]
+    assert backends[1].generate(requests_) == alone[1]
+
+
+def test_both_sides_streaming_at_once_share_one_batch_and_equal_one_at_a_time(demo_model, adapter, requests_):
+    pool = ModelPool()
+    base, tuned = pool.backend(f"local:{demo_model}"), pool.backend(f"local:{demo_model}+{adapter}")
+    request = requests_[0]
+    alone = ["".join(base.stream(request)), "".join(tuned.stream(request))]
+    assert alone == [base.generate([request])[0], tuned.generate([request])[0]]
+    before = base.engine.batches
+    streams = [base.stream(request), tuned.stream(request)]     # submitted together, as Compare's sides are
+    together = ["".join(s) for s in streams]
+    assert together == alone
+    assert base.engine.batches == before + 1, "both sides should have been decoded in one batch"
+
+
+def test_stopping_a_stream_frees_the_engine_within_a_step(demo_model, requests_):
+    backend = ModelPool().backend(f"local:{demo_model}", generate_kwargs={"min_new_tokens": 400})
+    long = Request(requests_[0].image, requests_[0].question, max_new_tokens=400)
+    start = time.perf_counter()
+    full = "".join(backend.stream(long))
+    full_s = time.perf_counter() - start
+    stream = backend.stream(long)
+    next(iter(stream))
+    stream.close()                       # e.g. the user pressed Stop
+    start = time.perf_counter()
+    assert backend.generate([Request(requests_[0].image, "which category", max_new_tokens=2)])
+    assert time.perf_counter() - start < max(0.5, full_s / 3), "the next request waited for the stopped one"
+    assert len(full) > 0
+
+
+def test_a_dropped_stream_cancels_its_row(demo_model, requests_):
+    backend = ModelPool().backend(f"local:{demo_model}", generate_kwargs={"min_new_tokens": 300})
+    stream = backend.stream(Request(requests_[0].image, "q", max_new_tokens=300))
+    pieces = iter(stream)
+    next(pieces)
+    pieces.close()                       # the consumer went away (closed tab) without calling close()
+    deadline = time.time() + 5
+    while backend.engine.busy and time.time() < deadline:
+        time.sleep(0.01)
+    assert not backend.engine.busy and stream.tokens < 300
+
+
+def test_streamed_text_is_cut_on_character_boundaries(demo_model):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(demo_model)
+    text = "Sales in € rose 5% — naïve 東京 ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    decode = lambda i: tokenizer.decode(i, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+    assert "\ufffd" in "".join(decode([t]) for t in ids), "the test needs a character split across tokens"
+    detok = Detokenizer(decode)
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert not any("\ufffd" in p for p in pieces)
+    assert "".join(pieces) == decode(ids)
+
+
+def test_a_failed_adapter_leaves_earlier_adapters_meaning_what_they_meant(demo_model, adapter, adapter2,
+                                                                            tmp_path, requests_):
+    pool = ModelPool()
+    tuned = pool.backend(f"local:{demo_model}+{adapter}")
+    before = singles(tuned, requests_)
+    wrong = make_adapter(demo_model, tmp_path / "wrong", hidden_size=32, projector=False)
+    with pytest.raises(AdapterError, match=r"hidden size 32.*has 64"):
+        pool.backend(f"local:{demo_model}+{wrong}")
+    bad_target = make_adapter(demo_model, tmp_path / "vision", target=r".*vision_tower.*\.q_proj", projector=False)
+    with pytest.raises(AdapterError, match="vision tower"):
+        pool.backend(f"local:{demo_model}+{bad_target}")
+    other = pool.backend(f"local:{demo_model}+{adapter2}")
+    assert singles(tuned, requests_) == before
+    assert singles(other, requests_) == singles(ModelPool().backend(f"local:{demo_model}+{adapter2}"), requests_)
+    assert singles(pool.backend(f"local:{demo_model}"), requests_) == peft_answers(demo_model, None, requests_)
+
+
+def test_concurrent_threads_give_sequential_answers(demo_model, adapter, requests_):
+    pool = ModelPool()
+    base, tuned = pool.backend(f"local:{demo_model}"), pool.backend(f"local:{demo_model}+{adapter}")
     expected = {"base": singles(base, requests_), "tuned": singles(tuned, requests_)}
     results, errors = {"base": [], "tuned": []}, []
 
     def hammer(label, backend, use_stream):
         try:
-            for _ in range(4):
+            for _ in range(3):
                 for r in requests_:
                     text = "".join(backend.stream(r)) if use_stream else backend.generate([r])[0]
                     results[label].append(text)
@@ -103,31 +197,48 @@ def test_concurrent_base_and_adapter_threads_give_sequential_answers(demo_model,
     for t in threads:
         t.join(timeout=120)
     assert not errors
-    assert results["base"] == expected["base"] * 4
-    assert results["tuned"] == expected["tuned"] * 4
+    assert results["base"] == expected["base"] * 3
+    assert results["tuned"] == expected["tuned"] * 3
 
 
-def test_abandoned_stream_releases_the_engine(demo_model, requests_):
-    backend = LocalBackend(str(demo_model))
-    stream = backend.stream(requests_[0])
-    next(stream)
-    stream.close()                       # e.g. the user pressed Stop
-    assert backend.generate(requests_[:1])   # would deadlock if the lock were still held
+def test_model_generate_path_gives_the_same_answers(demo_model, adapter, requests_):
+    """Models other than LLaVA-1.5 run through transformers' generate: same answers on the demo model."""
+    pool = ModelPool()
+    tuned = pool.backend(f"local:{demo_model}+{adapter}")
+    fast = singles(tuned, requests_)
+    tuned.engine.generator = None
+    assert singles(tuned, requests_) == fast
 
 
-def test_adapter_for_another_hidden_size_is_refused_clearly(demo_model, tmp_path, requests_):
-    wrong = make_adapter(demo_model, tmp_path / "wrong", hidden_size=32, projector=False)
-    with pytest.raises(AdapterError, match=r"trained for a model with hidden size 32.*has 64"):
-        LocalBackend(str(demo_model), wrong)
-    # the shared base is untouched and still answers
-    assert LocalBackend(str(demo_model)).generate(requests_[:1])
+def test_pool_loads_once_per_options_and_unloads(demo_model):
+    pool = ModelPool(max_engines=1)
+    a = pool.backend(f"local:{demo_model}")
+    assert pool.backend(f"local:{demo_model}").engine is a.engine
+    b = pool.backend(f"local:{demo_model}", device="cpu")      # other options: another engine; LRU evicts a
+    assert b.engine is not a.engine and [e["base"] for e in pool.loaded()] == [str(demo_model)]
+    assert pool.unload() == 1 and pool.loaded() == []
 
 
-def test_missing_or_non_peft_adapter_folder_is_refused(demo_model, tmp_path):
-    with pytest.raises(AdapterError, match="adapter folder not found"):
-        LocalBackend(str(demo_model), tmp_path / "nope")
-    with pytest.raises(AdapterError, match="not a PEFT adapter folder"):
-        LocalBackend(str(demo_model), tmp_path)
+def test_one_model_loading_does_not_block_another(demo_model, monkeypatch):
+    import eval.local
+    pool = ModelPool()
+    pool.backend(f"local:{demo_model}")
+    real_init = eval.local.Engine.__init__
+    entered = threading.Event()
+
+    def slow_init(self, *a, **k):
+        entered.set()
+        time.sleep(3)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(eval.local.Engine, "__init__", slow_init)
+    loader = threading.Thread(target=pool.backend, args=(f"local:{demo_model}",), kwargs={"device": "cpu"})
+    loader.start()
+    entered.wait(5)
+    start = time.perf_counter()
+    assert pool.backend(f"local:{demo_model}").generate([Request(None, "hi", max_new_tokens=2)])
+    assert time.perf_counter() - start < 1.5
+    loader.join()
 
 
 def test_adapter_trained_on_another_base_name_warns(demo_model, adapter, tmp_path, requests_):
@@ -139,19 +250,27 @@ def test_adapter_trained_on_another_base_name_warns(demo_model, adapter, tmp_pat
     config["base_model_name_or_path"] = "llava-hf/llava-1.5-7b-hf"
     (other / "adapter_config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="llava-1.5-7b-hf"):
-        backend = LocalBackend(str(demo_model), other)
+        backend = ModelPool().backend(f"local:{demo_model}+{other}")
     assert backend.name == "demo-llava + other" and backend.generate(requests_[:1])
 
 
+def test_missing_or_non_peft_adapter_folder_is_refused(demo_model, tmp_path):
+    pool = ModelPool()
+    with pytest.raises(AdapterError, match="adapter folder not found"):
+        pool.backend(f"local:{demo_model}+{tmp_path / 'nope'}")
+    with pytest.raises(AdapterError, match="not a PEFT adapter folder"):
+        pool.backend(f"local:{demo_model}+{tmp_path}")
+
+
 def test_name_batch_size_and_text_only_requests(demo_model, adapter):
-    backend = LocalBackend(str(demo_model), adapter)
+    backend = ModelPool().backend(f"local:{demo_model}+{adapter}")
     assert backend.name == "demo-llava + r1/adapter" and backend.max_batch == 4
     assert isinstance(backend.generate([Request(None, "what is the total", max_new_tokens=5)])[0], str)
 
 
 def test_four_bit_is_refused_on_cpu(demo_model):
     with pytest.raises(ValueError, match="CUDA"):
-        LocalBackend(str(demo_model), quantize="4bit", device="cpu")
+        ModelPool().backend(f"local:{demo_model}", quantize="4bit", device="cpu")
 
 
 def test_skip_modules_are_full_names_of_vision_projector_and_head(demo_model):
@@ -176,4 +295,4 @@ def test_a_pickled_adapter_is_refused_without_being_loaded(tmp_path, demo_model)
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "x"}')
     (adapter / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(AdapterError, match="safetensors"):
-        LocalBackend(str(demo_model), adapter=str(adapter)).generate([Request(None, "hi", max_new_tokens=2)])
+        ModelPool().backend(f"local:{demo_model}+{adapter}")

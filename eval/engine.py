@@ -1,0 +1,288 @@
+"""Batched generation on one copy of a LLaVA model: the base and any adapters in one forward.
+
+A batch is a list of rows (prompt ids, image, adapter slot, settings). Prefill runs once for the whole
+batch: each distinct image goes through the vision tower once, then through the projector of every adapter
+that asks about it, and the language model reads all rows left-padded into a static KV cache. The decode
+step that follows is one fixed-shape function (token, position, mask -> logits); on CUDA it is captured as
+a CUDA graph per batch bucket, so each new token costs one graph replay instead of hundreds of kernel
+launches from Python. The masks are built here (4D, additive), so transformers' mask and cache logic is
+not on the hot path, and a padded row never produces NaNs that leak into real rows.
+
+    gen = Generator(model, rows_table, projectors, eos_ids, pad_id, use_graphs=True)
+    tokens = gen.run(batch)              # [[token ids] per row]; row.emit(token) streams them as they come
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BUCKETS = (1, 2, 4)          # batch sizes served by captured graphs (Compare's sides); larger batches run eager
+
+
+@dataclass
+class Row:
+    ids: list[int]                       # prompt token ids, image tokens already expanded
+    image: int | None = None             # index into Batch.pixel_values
+    slot: int = 0                        # 0 = the base, k = the k-th attached adapter
+    max_new: int = 64
+    min_new: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    emit: Callable[[int], None] | None = None
+    cancel: threading.Event | None = None
+
+
+@dataclass
+class Batch:
+    rows: list[Row]
+    pixel_values: torch.Tensor | None = None     # (distinct images, 3, H, W), CPU
+
+
+class KVCache:
+    """A static key/value cache written at a position the caller sets. Duck-types transformers' Cache
+    for the one method attention layers call, `update(key, value, layer_idx)`, in 5.17 and later."""
+
+    def __init__(self, length: int, device):
+        self.length = length
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.position = torch.zeros((), dtype=torch.long, device=device)   # where the next tokens go
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.keys:             # allocated at the first prefill, never again
+            b, h, _, d = key_states.shape
+            self.keys[layer_idx] = key_states.new_zeros(b, h, self.length, d)
+            self.values[layer_idx] = value_states.new_zeros(b, h, self.length, value_states.shape[-1])
+        n = key_states.shape[-2]
+        index = self.position + torch.arange(n, device=key_states.device)
+        self.keys[layer_idx].index_copy_(2, index, key_states)
+        self.values[layer_idx].index_copy_(2, index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _Graph:
+    """One captured decode step with its static inputs and output."""
+
+    def __init__(self, gen: "Generator", cache: KVCache, b: int):
+        dev = gen.device
+        self.tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(b, 1, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(b, 1, 1, cache.length, dtype=gen.dtype, device=dev)
+        self.cache = cache
+        # Warm-up steps really run: let them write the cache's last slot, which any real step overwrites
+        # before reading it, and put the position back for the batch being served.
+        position = cache.position.clone()
+        cache.position.fill_(cache.length - 1)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):                    # warm-up: lazy allocations happen outside the capture
+                gen.decode(cache, self.tokens, self.positions, self.mask)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=gen.graph_pool):
+            self.logits = gen.decode(cache, self.tokens, self.positions, self.mask)
+        cache.position.copy_(position)
+
+    def __call__(self, tokens, positions, mask):
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        self.mask.copy_(mask)
+        self.graph.replay()
+        return self.logits
+
+
+class Generator:
+    def __init__(self, model, rows_table, projectors: dict, eos_ids: set[int], pad_id: int, max_len: int,
+                 use_graphs: bool = False):
+        self.model, self.rows_table, self.projectors = model, rows_table, projectors
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        self.vision = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.embed = model.get_input_embeddings()
+        self.config = model.config
+        self.eos_ids, self.pad_id, self.max_len = eos_ids, pad_id, max_len
+        self.device = next(model.parameters()).device
+        self.dtype = self.embed.weight.dtype
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.caches: dict[int, KVCache] = {}
+        self.graph_error: str | None = None
+        self._lm_kwargs = {"use_cache": True}
+        if "cache_position" in inspect.signature(self.lm.forward).parameters:
+            self._lm_kwargs["cache_position"] = None        # filled per call on versions that take it
+
+    # ---- the two model calls ----
+    def _lm(self, cache, positions, mask, **inputs):
+        kwargs = dict(self._lm_kwargs)
+        if "cache_position" in kwargs:
+            kwargs["cache_position"] = cache.position + torch.arange(positions.shape[1], device=self.device)
+        out = self.lm(attention_mask=mask, position_ids=positions, past_key_values=cache, **inputs, **kwargs)
+        return self.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def decode(self, cache: KVCache, tokens, positions, mask):
+        """One new token for every row: the step that CUDA graphs capture."""
+        return self._lm(cache, positions, mask, input_ids=tokens)
+
+    # ---- prefill pieces ----
+    def _image_features(self, batch: Batch) -> list[torch.Tensor | None]:
+        """Per row, its image's projected features: the vision tower runs once per distinct image,
+        the projector once per (adapter, image)."""
+        rows = batch.rows
+        if batch.pixel_values is None or all(r.image is None for r in rows):
+            return [None] * len(rows)
+        pixels = batch.pixel_values.to(self.device, self.vision_dtype)
+        layer = self.config.vision_feature_layer
+        out = self.vision(pixels, output_hidden_states=True, return_dict=True)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        hidden = [out.hidden_states[i] for i in layers]
+        if self.config.vision_feature_select_strategy == "default":
+            hidden = [h[:, 1:] for h in hidden]
+        features = torch.cat(hidden, dim=-1)
+        projected: dict[tuple[int, int], torch.Tensor] = {}
+        for slot in sorted({r.slot for r in rows if r.image is not None}):
+            images = sorted({r.image for r in rows if r.image is not None and r.slot == slot})
+            projector = self.projectors.get(slot, self.projector)
+            result = projector(features[images])
+            for k, image in enumerate(images):
+                projected[(slot, image)] = result[k]
+        return [projected[(r.slot, r.image)] if r.image is not None else None for r in rows]
+
+    @property
+    def vision_dtype(self):
+        return next(self.vision.parameters()).dtype
+
+    def _embeddings(self, ids: torch.Tensor, features: list) -> torch.Tensor:
+        embeds = self.embed(ids)
+        image_token = self.config.image_token_id
+        for i, feats in enumerate(features):
+            if feats is None:
+                continue
+            where = (ids[i] == image_token).nonzero(as_tuple=True)[0]
+            if where.numel() != feats.shape[0]:
+                raise ValueError(f"prompt {i} has {where.numel()} image tokens for {feats.shape[0]} image features")
+            embeds[i, where] = feats.to(embeds.dtype)
+        return embeds
+
+    def _cache(self, b: int, length: int, reuse: bool) -> KVCache:
+        if not reuse:
+            return KVCache(length, self.device)
+        if b not in self.caches:                  # one per graph bucket: captured graphs read its memory
+            self.caches[b] = KVCache(length, self.device)
+        self.caches[b].position.zero_()
+        return self.caches[b]
+
+    # ---- the whole batch ----
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[list[int]]:
+        rows = batch.rows
+        n, prompt = len(rows), max(len(r.ids) for r in rows)
+        longest = max(r.max_new for r in rows)
+        bucket = None
+        if self.use_graphs and prompt + longest <= self.max_len and n <= BUCKETS[-1]:
+            bucket = next(k for k in BUCKETS if k >= n)
+        b = bucket or n
+        length = self.max_len if bucket else prompt + longest
+        padded = rows + [rows[0]] * (b - n)          # filler rows (copies of the first), discarded
+        ids = torch.full((b, prompt), self.pad_id, dtype=torch.long)
+        real = torch.zeros(b, length, dtype=torch.bool)
+        for i, r in enumerate(padded):
+            ids[i, prompt - len(r.ids):] = torch.tensor(r.ids, dtype=torch.long)
+            real[i, prompt - len(r.ids):] = True         # the prompt, and every position decode will write
+        ids, real = ids.to(self.device), real.to(self.device)
+        positions = (real[:, :prompt].long().cumsum(1) - 1).clamp(min=0)
+        self.rows_table.set([r.slot for r in padded])
+        filler = Batch(padded, batch.pixel_values)
+        cache = self._cache(b, length, reuse=bucket is not None)
+        # A key is visible when it is real and not in the future; a padding query sees itself only.
+        keys = torch.arange(length, device=self.device)
+        queries = torch.arange(prompt, device=self.device)
+        allowed = (keys[None, :] <= queries[:, None]) & real[:, None, :]
+        allowed |= keys[None, None, :] == queries[None, :, None]
+        minimum = torch.finfo(self.dtype).min
+        mask = torch.zeros(b, 1, prompt, length, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed[:, None], minimum)
+        logits = self._lm(cache, positions, mask, inputs_embeds=self._embeddings(ids, self._image_features(filler)))
+        del mask, allowed
+        step_mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)
+        step_mask.masked_fill_(~(real & (keys < prompt))[:, None, None, :], minimum)
+        step_positions = positions[:, -1:] + 1
+        graph = self._graph(cache, b) if bucket else None
+        out: list[list[int]] = [[] for _ in rows]
+        live = [True] * n
+        greedy = all(r.temperature <= 0 for r in rows)
+        for step in range(longest):
+            token = self._pick(logits, rows, out, greedy)
+            chosen = token.tolist()
+            for i, r in enumerate(rows):
+                if not live[i]:
+                    continue
+                if r.cancel is not None and r.cancel.is_set():
+                    live[i] = False
+                    continue
+                t = chosen[i]
+                if t in self.eos_ids:
+                    live[i] = False
+                    continue
+                out[i].append(t)
+                if r.emit is not None:
+                    r.emit(t)
+                live[i] = len(out[i]) < r.max_new
+            if not any(live):
+                break
+            cache.position.fill_(prompt + step)
+            step_mask[:, :, :, prompt + step] = 0
+            tokens = torch.cat([token, token[:1].expand(b - n)]) if b > n else token
+            if graph is not None:
+                logits = graph(tokens[:, None], step_positions, step_mask)
+            else:
+                logits = self.decode(cache, tokens[:, None], step_positions, step_mask)
+            step_positions = step_positions + 1
+        return out
+
+    def _pick(self, logits, rows, out, greedy: bool):
+        logits = logits[: len(rows)]
+        early = [i for i, r in enumerate(rows) if len(out[i]) < r.min_new]
+        if early and self.eos_ids:
+            logits = logits.clone()
+            eos = torch.tensor(sorted(self.eos_ids), device=logits.device)
+            logits[torch.tensor(early, device=logits.device)[:, None], eos[None, :]] = float("-inf")
+        if greedy:
+            return logits.argmax(-1)
+        picked = logits.argmax(-1)
+        for i, r in enumerate(rows):
+            if r.temperature > 0:
+                picked[i] = _sample(logits[i], r.temperature, r.top_p)
+        return picked
+
+    def _graph(self, cache: KVCache, b: int):
+        key = (b, self.rows_table.active)
+        if key not in self.graphs and self.graph_error is None:
+            try:
+                self.graphs[key] = _Graph(self, cache, b)
+            except Exception as e:  # noqa: BLE001 - fall back to eager decode, and say why once
+                self.graph_error = f"{type(e).__name__}: {e}"
+                return None
+        return self.graphs.get(key)
+
+    def forget_graphs(self, adapters_only: bool = True) -> None:
+        """Drop captured steps that read adapter weights (they changed), or all of them."""
+        self.graphs = {k: g for k, g in self.graphs.items() if adapters_only and not k[1]}
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return torch.multinomial(probs, 1)[0]

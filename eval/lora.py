@@ -1,0 +1,280 @@
+"""Many LoRA adapters on one copy of a base model, chosen per row of a batch.
+
+PEFT's adapter switch is global to the model, so base and adapter requests take turns. Here every LoRA'd
+linear layer holds the A and B matrices of all attached adapters side by side, and a small per-row table
+says which adapter each row of the batch uses (none for the base). One forward then serves the base and
+any number of adapters at once, with static shapes, so the decode step can be captured in a CUDA graph:
+
+    y = base(x) + ((x @ A_all.T) * row_columns) @ B_all        # B_all already holds each adapter's scale
+
+Base rows get exact zeros added. A projector trained in full (`modules_to_save`) is kept as a separate
+copy per adapter and applied to that adapter's rows. Only LoRA on the language model is served this way;
+other PEFT types, DoRA and LoRA on the vision tower are refused with a message.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+_PROJECTOR = ("multi_modal_projector", "mm_projector")
+
+
+class AdapterError(ValueError):
+    """An adapter folder cannot be used with this base; the message says why and what to do."""
+
+
+class Rows:
+    """Which adapter each row of the running batch uses: a one-hot table shared by every LoRA layer.
+    Column 0 is the base (no LoRA). `active` is False when no row uses an adapter (LoRA is skipped)."""
+
+    def __init__(self, max_rows: int, device, dtype):
+        self.max_rows, self.device, self.dtype = max_rows, device, dtype
+        self.onehot = torch.zeros(max_rows, 1, device=device, dtype=dtype)
+        self.active = False
+
+    def resize(self, n_adapters: int) -> None:
+        self.onehot = torch.zeros(self.max_rows, n_adapters + 1, device=self.device, dtype=self.dtype)
+
+    def set(self, slots: list[int]) -> None:
+        """slots[i] = 0 for the base, k for the k-th adapter; rows beyond len(slots) are padding."""
+        if len(slots) > self.max_rows:
+            raise ValueError(f"{len(slots)} rows, at most {self.max_rows}")
+        table = torch.zeros_like(self.onehot, device="cpu")
+        table[torch.arange(len(slots)), torch.tensor(slots, dtype=torch.long)] = 1
+        self.onehot.copy_(table)          # in place: a captured graph keeps reading the same memory
+        self.active = any(slots)
+
+
+class LoraLinear(nn.Module):
+    """A base linear layer plus the LoRA of every adapter that targets it."""
+
+    def __init__(self, base: nn.Module, rows: Rows):
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.register_buffer("A", None, persistent=False)       # (R, in): all adapters' A stacked
+        self.register_buffer("B", None, persistent=False)       # (R, out): B.T, each adapter's scale folded in
+        self.register_buffer("column_slot", None, persistent=False)   # (R,): adapter slot of each column
+        self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        dtype = self.rows.dtype
+        self.parts[slot] = (a.to(self.rows.device, dtype), (b.t() * scale).to(self.rows.device, dtype))
+        self._stack()
+
+    def remove(self, slot: int) -> None:
+        self.parts.pop(slot, None)
+        self._stack()
+
+    def _stack(self) -> None:
+        if not self.parts:
+            self.A = self.B = self.column_slot = None
+            return
+        slots = sorted(self.parts)
+        self.A = torch.cat([self.parts[s][0] for s in slots])
+        self.B = torch.cat([self.parts[s][1] for s in slots])
+        self.column_slot = torch.cat([torch.full((self.parts[s][0].shape[0],), s, dtype=torch.long)
+                                      for s in slots]).to(self.rows.device)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.rows.active or self.A is None:
+            return y
+        columns = self.rows.onehot[: x.shape[0]].index_select(1, self.column_slot)       # (b, R)
+        h = (x.to(self.A.dtype) @ self.A.t()) * columns.unsqueeze(1)
+        return y + (h @ self.B).to(y.dtype)
+
+
+def read_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir)
+    if not path.is_dir():
+        raise AdapterError(f"adapter folder not found: {path}")
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"{path} is not a PEFT adapter folder (no adapter_config.json); give the folder "
+                           "that training saved the adapter in, e.g. workspace/runs/NAME/adapter")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{config_file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} is not a JSON object")
+    return config
+
+
+def weights_file(adapter_dir: Path) -> Path:
+    weights = adapter_dir / "adapter_model.safetensors"
+    if weights.is_file():
+        return weights
+    if (adapter_dir / "adapter_model.bin").is_file():
+        # .bin is a pickle: loading one from an untrusted folder can run code, so only safetensors is read.
+        raise AdapterError(f"{adapter_dir} holds adapter_model.bin (a pickle); the studio loads only safetensors. "
+                           "Re-save it with PeftModel.save_pretrained(dir, safe_serialization=True).")
+    raise AdapterError(f"{adapter_dir} has adapter_config.json but no adapter_model.safetensors")
+
+
+def tensor_shapes(adapter_dir: Path) -> dict[str, tuple]:
+    """Tensor shapes from the weight file's header (no weights are read)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(weights_file(adapter_dir)), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except AdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: say so in one line
+        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors cannot be read ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _scale(config: dict, module: str, rank: int) -> float:
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+
+
+def split_weights(adapter_dir: Path, config: dict, linear_names: set[str]) -> tuple[dict, dict]:
+    """({module: (A, B, scale)}, {projector parameter: tensor}) of an adapter, checked for what the
+    engine can serve. Raises AdapterError naming the first thing it cannot."""
+    from safetensors.torch import load_file
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{adapter_dir}: a {config.get('peft_type')} adapter; the studio serves LoRA adapters")
+    if config.get("use_dora"):
+        raise AdapterError(f"{adapter_dir}: DoRA adapters are not served; merge it into the base instead")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise AdapterError(f"{adapter_dir}: adapters that train biases are not served; retrain with bias='none'")
+    try:
+        tensors = load_file(str(weights_file(adapter_dir)))
+    except AdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise AdapterError(f"{adapter_dir}: adapter_model.safetensors cannot be read ({_first_line(e)})") from None
+    pairs: dict[str, dict] = {}
+    full: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        match = _LORA_KEY.match(name)
+        if match:
+            module, which = match.groups()
+            if "vision_tower" in module or "vision_model" in module:
+                raise AdapterError(f"{adapter_dir}: LoRA on the vision tower ({module}) is not served; the engine "
+                                   "encodes each image once for the base and every adapter")
+            pairs.setdefault(module, {})[which] = value
+        elif any(p in name for p in _PROJECTOR):
+            full[name.replace(".modules_to_save.default", "").replace(".original_module", "")] = value
+        elif "lora_embedding" in name or "lora_magnitude" in name:
+            raise AdapterError(f"{adapter_dir}: holds {name}; only LoRA on linear layers is served")
+        else:
+            raise AdapterError(f"{adapter_dir}: replaces {name} in full; only the projector can be swapped per "
+                               "request (merge the adapter into the base to serve it)")
+    loras = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{adapter_dir}: {module} has lora_{'A' if 'A' in ab else 'B'} only")
+        if module not in linear_names:
+            raise AdapterError(f"adapter {str(adapter_dir)!r} targets {module!r}, which this base does not have. It "
+                               "was made for another architecture or naming; adapters from the original LLaVA code "
+                               "must be converted to the Hugging Face layout first.")
+        rank = ab["A"].shape[0]
+        loras[module] = (ab["A"], ab["B"], _scale(config, module, rank))
+    if not loras and not full:
+        raise AdapterError(f"{adapter_dir}: the adapter holds no LoRA weights")
+    return loras, full
+
+
+class Adapters:
+    """The adapters attached to one model: which slot each has, their LoRA layers and projectors."""
+
+    def __init__(self, model: nn.Module, rows: Rows):
+        self.model, self.rows = model, rows
+        self.layers: dict[str, LoraLinear] = {}
+        self.projectors: dict[int, nn.Module] = {}      # slot -> this adapter's own projector copy
+        self.slots: dict[str, int] = {}                 # adapter key -> slot (1, 2, ...)
+        self.projector_name: str | None = None          # where the projector lives in the model
+
+    @contextmanager
+    def projector_of(self, slot: int):
+        """The model with `slot`'s own projector in place (for code paths that call the model whole)."""
+        if slot not in self.projectors:
+            yield
+            return
+        parent_name, _, child = self.projector_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        original = getattr(parent, child)
+        setattr(parent, child, self.projectors[slot])
+        try:
+            yield
+        finally:
+            setattr(parent, child, original)
+
+    def attach(self, key: str, loras: dict, projector_state: dict) -> int:
+        """Add one adapter; nothing changes unless every tensor fits (so a failed attach leaves the
+        others exactly as they were)."""
+        if key in self.slots:
+            return self.slots[key]
+        modules = dict(self.model.named_modules())
+        projector = self._projector_copy(modules, projector_state) if projector_state else None
+        for module, (a, b, _) in loras.items():
+            base = modules[module].base if isinstance(modules[module], LoraLinear) else modules[module]
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise AdapterError(f"{module} has {base.in_features} inputs and {base.out_features} outputs here; "
+                                   f"the adapter expects {a.shape[1]} and {b.shape[0]}: it was trained for another "
+                                   "model. Use the base it was trained on.")
+        slot = max(self.slots.values(), default=0) + 1
+        if slot >= self.rows.onehot.shape[1]:
+            self.rows.resize(slot)
+        for module, (a, b, scale) in loras.items():
+            self._layer(module, modules).add(slot, a, b, scale)
+        if projector is not None:
+            self.projectors[slot] = projector
+        self.slots[key] = slot
+        return slot
+
+    def detach(self, key: str) -> None:
+        slot = self.slots.pop(key, None)
+        if slot is None:
+            return
+        for layer in self.layers.values():
+            layer.remove(slot)
+        self.projectors.pop(slot, None)
+
+    def _layer(self, module: str, modules: dict) -> LoraLinear:
+        if module not in self.layers:
+            parent_name, _, child = module.rpartition(".")
+            parent = modules[parent_name] if parent_name else self.model
+            layer = LoraLinear(getattr(parent, child), self.rows)
+            setattr(parent, child, layer)
+            self.layers[module] = layer
+        return self.layers[module]
+
+    def _projector_copy(self, modules: dict, state: dict) -> nn.Module:
+        names = set(state)
+        root = next((m for m in modules if m.endswith(_PROJECTOR) and any(n.startswith(m + ".") for n in names)), None)
+        if root is None:
+            raise AdapterError(f"the adapter's projector ({sorted(names)[0]}) is not in this base")
+        self.projector_name = root
+        projector = copy.deepcopy(modules[root])
+        own = {k[len(root) + 1:]: v for k, v in state.items()}
+        expected = projector.state_dict()
+        for k, v in own.items():
+            if k not in expected:
+                raise AdapterError(f"the adapter's projector has {root}.{k}, which this base's projector lacks")
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise AdapterError(f"the adapter holds {root}.{k} of shape {list(v.shape)}, but this base has "
+                                   f"{list(expected[k].shape)}: it was trained for another model.")
+        projector.load_state_dict({**expected, **{k: v.to(expected[k].dtype) for k, v in own.items()}})
+        return projector.eval()
