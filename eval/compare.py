@@ -268,12 +268,8 @@ def batch_compare(refs: list[str], examples: list[dict], question: str | None, p
             backends[label] = pool.backend(ref, **(options or {}).get(ref.split(":", 1)[0], {}))
         except Exception as e:           # noqa: BLE001 - the other side still runs
             answers[label] = [f"error: {e}"] * len(requests)
-    try:
-        for label, texts in generate_together(backends, requests, on_progress).items():
-            answers[label] = texts
-    except Exception as e:               # noqa: BLE001
-        for label in backends:
-            answers.setdefault(label, [f"error: {e}"] * len(requests))
+    for label, texts in generate_together(backends, requests, on_progress).items():
+        answers[label] = [f"error: {texts}"] * len(requests) if isinstance(texts, Exception) else texts
     for label in labels:
         for row, example, answer in zip(rows, examples, answers[label]):
             row[label] = answer

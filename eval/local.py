@@ -506,11 +506,12 @@ class LocalBackend:
         return self.engine.stream(request, self.slot, self.generate_kwargs)
 
 
-def generate_together(backends: dict, requests: list[Request], on_progress=None) -> dict[str, list[str]]:
+def generate_together(backends: dict, requests: list[Request], on_progress=None) -> dict[str, list[str] | Exception]:
     """Answers of every backend (by label) to the same requests. Local backends on one engine share
     each batch (the base and every adapter in one forward, each image encoded once); others go in
-    chunks of their own max_batch. on_progress(label, done, total) after each chunk."""
-    out: dict[str, list[str]] = {label: [] for label in backends}
+    chunks of their own max_batch. A backend that fails gets its exception instead of answers, and the
+    others go on. on_progress(label, done, total) after each chunk."""
+    out: dict[str, list[str] | Exception] = {label: [] for label in backends}
     groups: dict[tuple, list[str]] = {}
     for label, backend in backends.items():
         key = ("engine", id(backend.engine)) if isinstance(backend, LocalBackend) else ("own", label)
@@ -518,18 +519,22 @@ def generate_together(backends: dict, requests: list[Request], on_progress=None)
     for labels in groups.values():
         first = backends[labels[0]]
         step = max(1, first.max_batch // len(labels))
-        for start in range(0, len(requests), step):
-            chunk = requests[start:start + step]
-            if isinstance(first, LocalBackend):
-                texts = first.engine.generate(chunk * len(labels), [backends[k].slot for k in labels for _ in chunk],
-                                              first.generate_kwargs)
-                for k, label in enumerate(labels):
-                    out[label] += texts[k * len(chunk):(k + 1) * len(chunk)]
-            else:
-                out[labels[0]] += first.generate(chunk)
-            if on_progress:
-                for label in labels:
-                    on_progress(label, len(out[label]), len(requests))
+        try:
+            for start in range(0, len(requests), step):
+                chunk = requests[start:start + step]
+                if isinstance(first, LocalBackend):
+                    texts = first.engine.generate(chunk * len(labels),
+                                                  [backends[k].slot for k in labels for _ in chunk], first.generate_kwargs)
+                    for k, label in enumerate(labels):
+                        out[label] += texts[k * len(chunk):(k + 1) * len(chunk)]
+                else:
+                    out[labels[0]] += first.generate(chunk)
+                if on_progress:
+                    for label in labels:
+                        on_progress(label, len(out[label]), len(requests))
+        except Exception as e:  # noqa: BLE001 - this group failed; the others still answer
+            for label in labels:
+                out[label] = e
     return out
 
 

@@ -193,9 +193,12 @@ def summarize(rows: list[dict], metrics=DEFAULT_METRICS) -> dict:
     return summary
 
 
-def _score_batch(backend, batch: list[dict], settings: dict, metrics) -> list[dict]:
-    """Generate for one batch and score it; a sample whose image cannot be read is recorded with an
-    `error`, scored wrong, and the rest of the batch goes on."""
+def _score_batch(backends: dict[str, object], batch: list[dict], settings: dict, metrics) -> dict[str, list[dict]]:
+    """Generate for one batch with every backend and score it. Each image is read once for all of them;
+    local backends on one base answer in one shared forward. A sample whose image cannot be read is
+    recorded with an `error`, scored wrong, and the rest of the batch goes on."""
+    from eval.local import generate_together
+
     images, errors = {}, {}
     for q in batch:
         try:
@@ -206,24 +209,30 @@ def _score_batch(backend, batch: list[dict], settings: dict, metrics) -> list[di
     requests = [Request(images[q["id"]], q["question"] + settings["prompt_suffix"], settings["max_new_tokens"],
                         settings["temperature"], settings["top_p"]) for q in good]
     start = time.perf_counter()
-    predictions = backend.generate(requests) if requests else []
+    predictions = generate_together(backends, requests) if requests else {label: [] for label in backends}
     elapsed = time.perf_counter() - start
-    if len(predictions) != len(requests):
-        raise RuntimeError(f"backend {backend.name} returned {len(predictions)} answers for {len(requests)} requests")
-    answers = dict(zip((q["id"] for q in good), predictions))
-    rows = []
-    for q in batch:
-        prediction = answers.get(q["id"], "")
-        row = {"id": q["id"], "split": q.get("split"), "chart_type": q.get("chart_type"), "family": q.get("family"),
-               "answer_type": q.get("answer_type"), "image": q["image"], "question": q["question"],
-               "golds": q["answers"], "prediction": prediction}
-        row.update(score_sample(prediction, q["answers"], metrics))
-        if q["id"] in errors:
-            row.update({m: 0.0 for m in metrics}, error=errors[q["id"]])
-        # the sample's share of its batch's generate time: comparable across batch sizes
-        row["latency_s"] = round(elapsed / max(1, len(requests)), 5) if q["id"] in answers else 0.0
-        rows.append(row)
-    return rows
+    out = {}
+    for label, backend in backends.items():
+        if isinstance(predictions[label], Exception):
+            raise predictions[label]
+        if len(predictions[label]) != len(requests):
+            raise RuntimeError(f"backend {backend.name} returned {len(predictions[label])} answers for "
+                               f"{len(requests)} requests")
+        answers = dict(zip((q["id"] for q in good), predictions[label]))
+        rows = []
+        for q in batch:
+            prediction = answers.get(q["id"], "")
+            row = {"id": q["id"], "split": q.get("split"), "chart_type": q.get("chart_type"), "family": q.get("family"),
+                   "answer_type": q.get("answer_type"), "image": q["image"], "question": q["question"],
+                   "golds": q["answers"], "prediction": prediction}
+            row.update(score_sample(prediction, q["answers"], metrics))
+            if q["id"] in errors:
+                row.update({m: 0.0 for m in metrics}, error=errors[q["id"]])
+            # the sample's share of its batch's generate time: comparable across batch sizes
+            row["latency_s"] = round(elapsed / max(1, len(requests) * len(backends)), 5) if q["id"] in answers else 0.0
+            rows.append(row)
+        out[label] = rows
+    return out
 
 
 def _resume_key(meta: dict) -> dict:
@@ -234,77 +243,96 @@ def _resume_key(meta: dict) -> dict:
     return key
 
 
-def run_model(questions: list[dict], backend, run_dir: str | Path, meta: dict, *, batch_size: int, concurrency: int,
-              metrics=DEFAULT_METRICS, on_progress: Callable[[int, dict], None] | None = None) -> dict:
-    """Evaluate one backend on `questions` into `run_dir`, skipping ids already there. Returns the summary."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta_path, samples_path = run_dir / "run.json", run_dir / "samples.jsonl"
-    if meta_path.exists():
-        old = _resume_key(json.loads(meta_path.read_text()))
-        changed = [k for k, v in _resume_key(meta).items() if old.get(k) != v]
-        if changed:
-            raise RunMismatch(f"{run_dir} holds a run with other {', '.join(changed)}; "
-                              "use another --out or delete that folder")
-    atomic_write_json(meta_path, meta)
-    done = load_done(samples_path)
+def run_models(questions: list[dict], members: list[tuple], *, batch_size: int, concurrency: int,
+               metrics=DEFAULT_METRICS, on_progress: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """Evaluate several backends on the same `questions`, each into its own folder: members are
+    (backend, run_dir, meta). Every batch goes to all of them at once (so each image is read once and local
+    models on one base share a forward); ids already in a folder are skipped. Returns the summaries."""
+    states = []
+    for backend, run_dir, meta in members:
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta_path = run_dir / "run.json"
+        if meta_path.exists():
+            old = _resume_key(json.loads(meta_path.read_text()))
+            changed = [k for k, v in _resume_key(meta).items() if old.get(k) != v]
+            if changed:
+                raise RunMismatch(f"{run_dir} holds a run with other {', '.join(changed)}; "
+                                  "use another --out or delete that folder")
+        atomic_write_json(meta_path, meta)
+        states.append({"backend": backend, "dir": run_dir, "meta": meta, "done": load_done(run_dir / "samples.jsonl"),
+                       "new": 0})
     wanted = {q["id"] for q in questions}
-    todo = [q for q in questions if q["id"] not in done]
-    settings = {**meta["prompt"], **meta["generation"]}
+    # Sorted by length so a batch's prompts pad to about the same size; written back in dataset order.
+    todo = sorted((q for q in questions if any(q["id"] not in st["done"] for st in states)),
+                  key=lambda q: len(q["question"]))
+    settings = {**members[0][2]["prompt"], **members[0][2]["generation"]}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    start, new, started = time.perf_counter(), 0, datetime.now(timezone.utc).isoformat(timespec="seconds")
+    start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     lock = threading.Lock()
 
-    def finish(rows):
-        nonlocal new
+    def work(batch):
+        need = {str(i): st["backend"] for i, st in enumerate(states) if any(q["id"] not in st["done"] for q in batch)}
+        return _score_batch(need, batch, settings, metrics)
+
+    def finish(results):
         with lock:     # one writer: lines never interleave, progress counts stay exact
-            for row in rows:
-                append_jsonl(samples_path, row)
-                done[row["id"]] = row
-            new += len(rows)
+            count = 0
+            for label, rows in results.items():
+                st = states[int(label)]
+                for row in rows:
+                    if row["id"] not in st["done"]:
+                        append_jsonl(st["dir"] / "samples.jsonl", row)
+                        st["done"][row["id"]] = row
+                        st["new"] += 1
+                        count += 1
             if on_progress:
-                on_progress(len(rows), {"new": new, "elapsed_s": time.perf_counter() - start})
+                on_progress(count, {"new": sum(st["new"] for st in states), "elapsed_s": time.perf_counter() - start})
 
     if on_progress:
-        on_progress(sum(1 for i in done if i in wanted), {"new": 0, "elapsed_s": 0.0, "resumed": True})
+        on_progress(sum(1 for st in states for i in st["done"] if i in wanted),
+                    {"new": 0, "elapsed_s": 0.0, "resumed": True})
     if concurrency <= 1:
         for batch in batches:
-            finish(_score_batch(backend, batch, settings, metrics))
+            finish(work(batch))
     else:
         pool = ThreadPoolExecutor(max_workers=concurrency)
         try:
-            futures = [pool.submit(_score_batch, backend, b, settings, metrics) for b in batches]
+            futures = [pool.submit(work, b) for b in batches]
             for future in as_completed(futures):
                 finish(future.result())
         finally:   # on an error or Ctrl-C, drop queued requests instead of sending them all first
             pool.shutdown(wait=True, cancel_futures=True)
     wall = time.perf_counter() - start
 
-    rows = [done[q["id"]] for q in questions]
-    write_jsonl(samples_path, rows)   # dataset order: re-runs give identical files
-    summary = {**meta, **summarize(rows, metrics), "metric_descriptions": {m: DESCRIPTIONS[m] for m in metrics},
-               "timing": {"started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          "wall_s": round(wall, 3), "new_samples": new, "resumed_samples": len(rows) - new,
-                          "samples_per_s": round(new / wall, 3) if new and wall > 0 else None,
-                          "mean_latency_s": round(sum(r["latency_s"] for r in rows) / len(rows), 5)}}
-    atomic_write_json(run_dir / "summary.json", summary)
-    return summary
-
-
-def _open_backend(ref: str, **options):
-    from eval.backends import open_backend   # lazy: loads torch / boto3 only when a model is opened
-    return open_backend(ref, **options)
+    summaries = []
+    for st in states:
+        rows = [st["done"][q["id"]] for q in questions]
+        write_jsonl(st["dir"] / "samples.jsonl", rows)   # dataset order: re-runs give identical files
+        new = st["new"]
+        summary = {**st["meta"], **summarize(rows, metrics),
+                   "metric_descriptions": {m: DESCRIPTIONS[m] for m in metrics},
+                   "timing": {"started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "wall_s": round(wall, 3), "new_samples": new, "resumed_samples": len(rows) - new,
+                              "samples_per_s": round(new / wall, 3) if new and wall > 0 else None,
+                              "mean_latency_s": round(sum(r["latency_s"] for r in rows) / len(rows), 5)}}
+        atomic_write_json(st["dir"] / "summary.json", summary)
+        summaries.append(summary)
+    return summaries
 
 
 def run_eval(data: str | Path, models: list[str], out: str | Path, *, split: str | None = None,
              images: str | Path | None = None, limit: int | None = None, prompt_suffix: str = DEFAULT_SUFFIX,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int | None = None,
              concurrency: int | None = None, metrics=DEFAULT_METRICS, on_progress: Progress | None = None,
-             open_backend: Callable = _open_backend, backend_options: dict | None = None) -> list[dict]:
+             open_backend: Callable | None = None, backend_options: dict | None = None, pool=None) -> list[dict]:
     """Evaluate every model on the same questions; returns one summary per model, in order.
 
-    Local models run in batches of `batch_size` (default: the backend's `max_batch`) one after the
-    other; other backends (endpoints) get `concurrency` requests in flight (default 4)."""
+    All models answer each batch together: local models on one base share one forward (the base and
+    every adapter, each image encoded once). Batches hold `batch_size` questions (default: what fits the
+    GPU's free memory, divided among the local models; 4 on CPU); endpoints get `concurrency` requests
+    in flight (default 4). Models are opened through `pool` (an eval.pool.ModelPool; a new one if None)
+    unless `open_backend(ref, **options)` is given."""
     if not models:
         raise ValueError("give at least one model")
     questions = load_questions(data, split=split, images=images)
@@ -318,14 +346,23 @@ def run_eval(data: str | Path, models: list[str], out: str | Path, *, split: str
     atomic_write_json(out / "eval.json", {"data": str(Path(data).resolve()), "split": split, "limit": limit,
                                           "models": [{"ref": str(m), "slug": s} for m, s in zip(models, slugs)]})
     total, done_all, started = len(questions) * len(models), 0, time.perf_counter()
-    summaries = []
-    for index, (ref, slug) in enumerate(zip(models, slugs)):
-        parsed = ModelRef.parse(ref) if isinstance(ref, str) else ref
-        backend = open_backend(str(parsed), **(backend_options or {}))
-        local = parsed.kind == "local"
-        batch = batch_size or (backend.max_batch if local else 1)
-        workers = 1 if local else (concurrency or 4)
-        meta = {"model": str(parsed), "slug": slug, "model_index": index,
+    if open_backend is None:
+        from eval.pool import ModelPool
+        pool = pool or ModelPool()
+        open_backend = pool.backend
+    parsed = [ModelRef.parse(ref) if isinstance(ref, str) else ref for ref in models]
+    backends = [open_backend(str(p), **(backend_options or {})) for p in parsed]
+    local = any(p.kind == "local" for p in parsed)
+    on_gpu = any(str(getattr(getattr(b, "engine", None), "device", "")).startswith("cuda") for b in backends)
+    shared = sum(1 for p in parsed if p.kind == "local")
+    batch = batch_size or (min(b.max_batch for b, p in zip(backends, parsed) if p.kind == "local") // max(1, shared)
+                           if local else 1)
+    batch = max(1, batch)
+    # Two batches in flight on a GPU: one is read and tokenised while the other runs.
+    workers = (2 if on_gpu else 1) if local else (concurrency or 4)
+    members = []
+    for index, (ref, slug, backend) in enumerate(zip(parsed, slugs, backends)):
+        meta = {"model": str(ref), "slug": slug, "model_index": index,
                 "dataset": {"path": str(Path(data).resolve()), "split": split, "limit": limit,
                             "n_questions": len(questions), "questions_sha256": question_set_hash(questions),
                             "source_sha256": source_hash},
@@ -333,24 +370,21 @@ def run_eval(data: str | Path, models: list[str], out: str | Path, *, split: str
                 "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0},
                 "execution": {"batch_size": batch, "concurrency": workers},
                 "metrics": list(metrics)}
-        model_done = 0
+        members.append((backend, out / slug, meta))
 
-        def progress(count, info, _slug=slug, _index=index):
-            nonlocal done_all, model_done
-            done_all += count
-            model_done += count
-            if not on_progress:
-                return
-            rate = info["new"] / info["elapsed_s"] if info["new"] and info["elapsed_s"] > 0 else None
-            remaining = total - done_all
-            on_progress(done_all, total, {"model": _slug, "model_index": _index, "n_models": len(models),
-                                          "model_done": model_done, "samples_per_s": rate,
-                                          "eta_s": remaining / rate if rate else None,
-                                          "elapsed_s": time.perf_counter() - started})
+    def progress(count, info):
+        nonlocal done_all
+        done_all += count
+        if not on_progress:
+            return
+        rate = info["new"] / info["elapsed_s"] if info["new"] and info["elapsed_s"] > 0 else None
+        remaining = total - done_all
+        on_progress(done_all, total, {"model": " + ".join(slugs) if len(slugs) < 4 else f"{len(slugs)} models",
+                                      "n_models": len(models), "samples_per_s": rate,
+                                      "eta_s": remaining / rate if rate else None,
+                                      "elapsed_s": time.perf_counter() - started})
 
-        summaries.append(run_model(questions, backend, out / slug, meta, batch_size=batch, concurrency=workers,
-                                   metrics=metrics, on_progress=progress))
-    return summaries
+    return run_models(questions, members, batch_size=batch, concurrency=workers, metrics=metrics, on_progress=progress)
 
 
 def read_runs(eval_dir: str | Path) -> list[tuple[Path, dict]]:

@@ -187,10 +187,11 @@ def test_compare_streams_the_endpoint_and_the_local_model_side_by_side(server, m
     from eval import compare
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", server.url)
-    monkeypatch.setattr(compare, "_BACKENDS", {})
+    from eval.pool import ModelPool
+    pool = ModelPool()
     refs = ["sagemaker:chartqa", f"local:{demo_model}+{model_dir}"]
-    updates = list(compare.compare_stream(refs, request_))
+    updates = list(compare.compare_stream(refs, request_, pool))
     endpoint, local = updates[-1]
     assert not endpoint.error and not local.error
-    assert endpoint.text == local.text == LocalBackend(str(demo_model), model_dir).generate([request_])[0]
+    assert endpoint.text == local.text == pool.backend(refs[1]).generate([request_])[0]
     assert len(updates) > 2                          # token by token, not one final update
