@@ -156,8 +156,8 @@ def build(studio: Studio) -> dict:
     status = gr.Markdown()
     board = gr.Dataframe(leaderboard(studio), label="Leaderboard (workspace/evals)", interactive=False)
     with gr.Row():
-        eval_dir = gr.Dropdown(evals_now, value=evals_now[0] if evals_now else None, allow_custom_value=True,
-                               label="Eval run", scale=4)
+        eval_dir = gr.Dropdown(evals_now, value=evals_now[0] if evals_now else None, allow_custom_value=False,
+                               label="Eval run", scale=4)     # only workspace/evals: a typed folder could be anywhere
         others = [s["slug"] for s in newest[1:]]
         model_b = gr.Dropdown(others, value=others[-1] if others else None, label="Compare against the baseline",
                               scale=2)

@@ -215,6 +215,14 @@ def test_a_benchmark_on_a_dataset_outside_the_workspace_is_refused(studio):
     assert not (studio["ws"] / "evals").exists()
 
 
+def test_the_benchmark_browser_opens_only_the_workspaces_eval_runs(studio):
+    outside = str(studio["outside"])
+    for api, args in (("/_select_eval", (outside,)), ("/_browse", (outside, None, "all")),
+                      ("/benchmark_export", (outside,))):
+        out, text = _call(studio["client"], *args, api_name=api)
+        assert out is None and "not in the list of choices" in text, api
+
+
 # ---------------------------------------------------------------- secrets: a training job's environment
 def test_a_local_training_job_inherits_no_login_and_no_cloud_secrets(tmp_path, monkeypatch, fake_aws):
     from training import launchers
