@@ -171,6 +171,15 @@ def _compare(studio, image_path: Path):
                  4, 0.0, api_name="/run_compare")
 
 
+def test_an_honest_upload_still_reaches_both_models(studio):
+    from gradio_client import handle_file
+    chart = studio["top"] / "honest.png"
+    Image.new("RGB", (320, 200), (40, 90, 200)).save(chart)
+    out, text = _call(studio["client"], handle_file(str(chart)), "What is the value?", studio["base"], studio["base"],
+                      "local", "local", 3, 0.0, api_name="/run_compare")
+    assert out is not None and out[0] and out[3] and "**" not in out[2], text
+
+
 def test_a_long_thin_png_bomb_is_refused_before_it_is_padded_square(studio):
     bomb = studio["top"] / "thin.png"
     bomb.write_bytes(_png((20_000, 10), "L"))
