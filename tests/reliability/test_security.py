@@ -180,6 +180,17 @@ def test_an_honest_upload_still_reaches_both_models(studio):
     assert out is not None and out[0] and out[3] and "**" not in out[2], text
 
 
+def test_an_upload_sent_as_base64_reaches_the_loader_as_the_same_bytes():
+    import base64
+
+    from gradio.data_classes import ImageData
+
+    from studio.uploads import ChartImage
+    data = _png((30, 20), "L")
+    path = ChartImage().preprocess(ImageData(url="data:image/png;base64," + base64.b64encode(data).decode()))
+    assert Path(path).read_bytes() == data
+
+
 def test_a_long_thin_png_bomb_is_refused_before_it_is_padded_square(studio):
     bomb = studio["top"] / "thin.png"
     bomb.write_bytes(_png((20_000, 10), "L"))
