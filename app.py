@@ -2,7 +2,7 @@
 
     python app.py                                   # demo model, http://127.0.0.1:7860
     python app.py --base llava-hf/llava-1.5-7b-hf --adapter workspace/runs/my-run/adapter
-    STUDIO_AUTH=me:secret python app.py --host 0.0.0.0   # exposed: a login is required
+    python app.py --host 0.0.0.0 --auth-file ~/.studio-login   # exposed: a login (USER:PASSWORD in the file)
 
 With no --base, the tiny LLaVA built in code is used (made under WORKSPACE/models on first start, with
 a small LoRA adapter trained on a few synthetic charts), so the studio works offline, on a CPU.
@@ -29,8 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default with --base demo: the demo adapter)")
     p.add_argument("--quantize", default="auto", choices=("auto", "4bit", "none"),
                    help="local models on CUDA: auto = bf16 when the base fits in free GPU memory, else 4-bit nf4")
-    p.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"),
-                   help="USER:PASSWORD login (or env STUDIO_AUTH); required when --host is not loopback")
+    p.add_argument("--auth-file", default=None, help="file holding the USER:PASSWORD login (or set env "
+                   "STUDIO_AUTH); required when --host is not loopback")
+    p.add_argument("--auth", default=None, help=argparse.SUPPRESS)   # refused: argv shows in the process list
     return p.parse_args(argv)
 
 
@@ -46,10 +47,24 @@ def is_loopback(host: str) -> bool:
 def parse_auth(text: str | None) -> tuple[str, str] | None:
     if not text:
         return None
-    user, sep, password = text.partition(":")
+    user, sep, password = text.strip().partition(":")
     if not sep or not user or not password:
-        raise SystemExit("--auth / STUDIO_AUTH must be USER:PASSWORD")
+        raise SystemExit("the login (--auth-file or STUDIO_AUTH) must be USER:PASSWORD")
     return user, password
+
+
+def read_auth(args: argparse.Namespace, env=os.environ) -> tuple[str, str] | None:
+    """The login from --auth-file or env STUDIO_AUTH, never from argv: any user can read another's
+    command line (ps, /proc/PID/cmdline), not their files or environment."""
+    if args.auth is not None:
+        raise SystemExit("--auth is refused: a password on the command line shows in the process list. "
+                         "Put USER:PASSWORD in a file and pass --auth-file PATH, or set env STUDIO_AUTH.")
+    if args.auth_file:
+        try:
+            return parse_auth(Path(args.auth_file).expanduser().read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SystemExit(f"cannot read --auth-file: {e.strerror}") from None
+    return parse_auth(env.get("STUDIO_AUTH"))
 
 
 def prepare_models(workspace: Path, base: str, adapter: str | None) -> tuple[str, str | None]:
@@ -68,9 +83,11 @@ def prepare_models(workspace: Path, base: str, adapter: str | None) -> tuple[str
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    auth = parse_auth(args.auth)
+    auth = read_auth(args)
+    os.environ.pop("STUDIO_AUTH", None)       # read once; nothing the studio starts needs it
     if not is_loopback(args.host) and auth is None:
-        sys.exit(f"Refusing to listen on {args.host} without a login: set --auth USER:PASSWORD or STUDIO_AUTH.")
+        sys.exit(f"Refusing to listen on {args.host} without a login: give --auth-file PATH (USER:PASSWORD "
+                 "in it) or set STUDIO_AUTH.")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     workspace = Path(args.workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)

@@ -357,12 +357,22 @@ def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
 
 
 def random_example(dataset_dir, rng_or_seed=None) -> dict:
-    """One load_qa item, from the test split when there is one."""
+    """One load_qa item, from the test split when there is one, whose image lies inside the dataset's
+    folder (an example is shown to the user: a record pointing elsewhere must not read that file)."""
     rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else random.Random(rng_or_seed)
-    items = load_qa(dataset_dir, split="test") or load_qa(dataset_dir)
+    folder = Path(dataset_dir) if Path(dataset_dir).is_dir() else Path(dataset_dir).parent
+    items = [it for it in load_qa(dataset_dir, split="test") or load_qa(dataset_dir) if _within(folder, it["image"])]
     if not items:
-        raise ValueError(f"no questions found in {dataset_dir}")
+        raise ValueError(f"no questions with an image inside its folder in {dataset_dir}")
     return rng.choice(items)
+
+
+def _within(folder: Path, image: str) -> bool:
+    from .io import inside
+    try:
+        return bool(inside(folder, image))
+    except ValueError:
+        return False
 
 
 def list_datasets(workspace) -> list[str]:

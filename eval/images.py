@@ -6,6 +6,9 @@ import warnings
 from pathlib import Path
 
 MAX_PIXELS = 40_000_000      # ~6k x 6k; larger images are refused before decoding
+# Each side is bounded too: pad_to_square makes max(w, h)^2 pixels, so a 692-byte 20000x10 PNG (0.2 MP)
+# would become a 400 MP square. With every side <= MAX_SIDE the square stays under MAX_PIXELS.
+MAX_SIDE = 6_000
 MAX_BYTES = 50 * 1024 * 1024
 
 
@@ -13,9 +16,22 @@ class ImageError(ValueError):
     """The input is not an image we can use; the message says why, for the user."""
 
 
-def load_image(source, max_pixels: int = MAX_PIXELS):
+def check_size(w: int, h: int, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> None:
+    """Refuse sizes that would take too much memory to decode or to pad square (read from the header)."""
+    if w < 1 or h < 1:
+        raise ImageError("image has no pixels")
+    if max(w, h) > max_side:
+        raise ImageError(f"image is {w}x{h}; each side may be at most {max_side} px "
+                         "(this guards against decompression bombs)")
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.0f} MP; the limit is {max_pixels / 1e6:.0f} MP "
+                         "(this guards against decompression bombs)")
+
+
+def load_image(source, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE):
     """Return an RGB PIL image from a path, bytes or PIL image. Transparent images are laid on
-    white (charts are drawn on white), CMYK / 16-bit / grayscale / palette images are converted."""
+    white (charts are drawn on white), CMYK / 16-bit / grayscale / palette images are converted.
+    Sizes are checked from the header, before any pixel is decoded."""
     from PIL import Image
 
     if isinstance(source, Image.Image):
@@ -24,7 +40,7 @@ def load_image(source, max_pixels: int = MAX_PIXELS):
         if isinstance(source, (str, Path)):
             path = Path(source)
             if not path.is_file():
-                raise ImageError(f"image not found: {path}")
+                raise ImageError(f"image not found: {path.name}")   # the folder may be a server temp dir
             if path.stat().st_size > MAX_BYTES:
                 raise ImageError(f"image file is {path.stat().st_size // 2**20} MB; the limit is {MAX_BYTES // 2**20} MB")
             data = path.read_bytes()
@@ -40,12 +56,7 @@ def load_image(source, max_pixels: int = MAX_PIXELS):
             raise ImageError("image is too large to decode safely (possible decompression bomb)") from None
         except Exception:
             raise ImageError("not an image PIL can read (corrupt, or another file type)") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.0f} MP; the limit is {max_pixels / 1e6:.0f} MP "
-                         "(this guards against decompression bombs)")
-    if w < 1 or h < 1:
-        raise ImageError("image has no pixels")
+    check_size(*img.size, max_pixels=max_pixels, max_side=max_side)
     try:
         img.load()
     except Exception as e:
@@ -80,6 +91,7 @@ def pad_to_square(img, fill=None):
     w, h = img.size
     if w == h:
         return img
+    check_size(max(w, h), max(w, h))     # a caller's own PIL image may not have been through load_image
     if fill is None:
         fill = tuple(int(c) for c in ImageStat.Stat(img).mean[:3])
     side = max(w, h)

@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from charts.io import read_jsonl
+from charts.io import inside, read_jsonl
 from eval import compare
 from eval.images import ImageError, load_image
 from eval.paired import compare_runs
@@ -89,6 +89,11 @@ def _show(pairs: list, index: int):
 
 # ---------------------------------------------------------------- callbacks
 def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, progress=gr.Progress()):
+    try:     # a typed dataset path must lie in the workspace, like every path from the browser
+        dataset = str(inside(studio.workspace, dataset)) if dataset else dataset
+    except ValueError as e:
+        raise gr.Error(str(e))
+
     if not dataset or not models:
         raise gr.Error("pick a dataset and at least one model")
     name = name.strip() or f"{Path(dataset).stem}-{split}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -151,8 +156,8 @@ def build(studio: Studio) -> dict:
     status = gr.Markdown()
     board = gr.Dataframe(leaderboard(studio), label="Leaderboard (workspace/evals)", interactive=False)
     with gr.Row():
-        eval_dir = gr.Dropdown(evals_now, value=evals_now[0] if evals_now else None, allow_custom_value=True,
-                               label="Eval run", scale=4)
+        eval_dir = gr.Dropdown(evals_now, value=evals_now[0] if evals_now else None, allow_custom_value=False,
+                               label="Eval run", scale=4)     # only workspace/evals: a typed folder could be anywhere
         others = [s["slug"] for s in newest[1:]]
         model_b = gr.Dropdown(others, value=others[-1] if others else None, label="Compare against the baseline",
                               scale=2)

@@ -10,13 +10,17 @@ import re
 import gradio as gr
 
 import charts
+from charts.io import inside
 from studio.context import Studio
 
 GALLERY_LIMIT = 60
 
 
 def _dataset_dir(studio: Studio, name: str):
-    return studio.path("datasets", name)
+    try:
+        return inside(studio.path("datasets"), name)
+    except ValueError as e:
+        raise gr.Error(str(e))
 
 
 def _qa_markdown(items: list[dict]) -> str:
@@ -70,8 +74,8 @@ def build(studio: Studio) -> dict:
                 example_text = gr.Markdown()
     with gr.Row():
         with gr.Column():
-            validate_path = gr.Textbox(label="Validate a path (dataset folder, .jsonl or .json)",
-                                       placeholder="empty = the selected dataset")
+            validate_path = gr.Textbox(label="Validate a path in the workspace (dataset folder, .jsonl or .json)",
+                                       placeholder="empty = the selected dataset; e.g. datasets/NAME/train.jsonl")
             validate_btn = gr.Button("Validate")
             report = gr.Textbox(label="Validation report", lines=12, max_lines=30, interactive=False)
         with gr.Column():
@@ -112,13 +116,19 @@ def build(studio: Studio) -> dict:
     def on_random(name):
         if not name:
             raise gr.Error("Pick or generate a dataset first.")
-        item = charts.random_example(_dataset_dir(studio, name))
+        try:
+            item = charts.random_example(_dataset_dir(studio, name))
+        except ValueError as e:
+            raise gr.Error(str(e))
         return item["image"], f"{item['chart_type']} · id `{item['id']}`\n\n" + _qa_markdown([item])
 
     def on_validate(path, name):
-        target = path.strip() or (str(_dataset_dir(studio, name)) if name else "")
-        if not target:
+        if not path.strip() and not name:
             raise gr.Error("Enter a path or pick a dataset.")
+        try:        # anything inside the workspace; relative paths are taken from it
+            target = inside(studio.workspace, path) if path.strip() else _dataset_dir(studio, name)
+        except ValueError as e:
+            raise gr.Error(str(e))
         return charts.validate(target).to_text()
 
     def on_export(name, fmt):

@@ -14,10 +14,12 @@ import gradio as gr
 
 from charts import list_datasets
 from charts import random_example as charts_random_example
+from charts.io import inside
 from eval import compare
 from eval.images import ImageError, load_image
 from eval.protocol import Request
 from studio.context import Studio
+from studio.uploads import ChartImage
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "examples"
 BACKEND_HELP = {"local": "a hub id or folder, or BASE+ADAPTER_DIR", "sagemaker": "an endpoint name",
@@ -59,7 +61,7 @@ def build(studio: Studio) -> dict:
         kind_a, side_a, answer_a, verdict_a, stats_a = _side_panel(studio, "A", default_a)
         kind_b, side_b, answer_b, verdict_b, stats_b = _side_panel(studio, "B", default_b)
     with gr.Row():
-        image = gr.Image(type="filepath", label="Chart", height=320, scale=2)
+        image = ChartImage(label="Chart", height=320, scale=2)     # the raw upload, checked by load_image
         with gr.Column(scale=3):
             question = gr.Textbox(label="Question", lines=2, max_lines=6,
                                   placeholder="e.g. What is the value of the highest bar?")
@@ -105,8 +107,12 @@ def build(studio: Studio) -> dict:
     def random_example(name):
         if not name:
             return gr.update(), gr.update(), "pick a dataset (workspace/datasets is empty?)", {}
-        try:
-            ex = charts_random_example(studio.path("datasets", name) if "/" not in name else name, random.Random(time.time_ns()))
+        try:     # a workspace dataset by name; its images stay inside its folder (charts.random_example)
+            folder = inside(studio.path("datasets"), name)
+            if name not in list_datasets(studio.workspace):
+                raise ValueError(f"no dataset {name!r} in the workspace")
+            ex = charts_random_example(folder, random.Random(time.time_ns()))
+            load_image(ex["image"])      # only a real image within limits goes back to the browser
         except Exception as e:           # noqa: BLE001 - a message, not a crash
             return gr.update(), gr.update(), f"cannot draw an example: {e}", {}
         golds = " | ".join(map(str, ex.get("answers", [])))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from charts.io import inside
 from studio.context import Studio
 from training.config import PRESETS, TrainConfig, command, form_fields, preset
 from training.launchers import LocalLauncher, all_jobs, read_jobs, read_metrics
@@ -96,7 +97,7 @@ def build(studio: Studio) -> dict:
                     if f["name"] not in SKIPPED:
                         inputs[f["name"]] = _input(f, getattr(initial, f["name"]))
     with gr.Row():
-        yaml_path = gr.Textbox(label="YAML file", value=str(workspace / "configs" / "run.yaml"))
+        yaml_path = gr.Textbox(label="YAML file (inside the workspace)", value="configs/run.yaml")
         save_btn, load_btn, cmd_btn = gr.Button("Save YAML"), gr.Button("Load YAML"), gr.Button("Show command")
     cmd_out = gr.Code(label="Command / messages", language="shell")
     with gr.Accordion("Where it runs", open=True):
@@ -139,11 +140,19 @@ def build(studio: Studio) -> dict:
         return command(_config(names, values))
 
     def save_yaml(path, *values):
-        _config(names, values).to_yaml(path)
-        return f"# saved {path}\n" + command(_config(names, values), path)
+        try:
+            path = yaml_file(workspace, path)
+            cfg = _config(names, values)
+        except (ValueError, TypeError) as e:
+            return f"# not saved: {e}"
+        cfg.to_yaml(path)
+        return f"# saved {path}\n" + command(cfg, str(path))
 
     def load_yaml(path):
-        cfg = TrainConfig.from_yaml(Path(path))
+        try:
+            cfg = TrainConfig.from_yaml(yaml_file(workspace, path, must_exist=True))
+        except Exception as e:           # noqa: BLE001 - bad path or bad YAML: a message, not a traceback
+            raise gr.Error(f"not loaded: {e}")
         return [getattr(cfg, n) for n in names]
 
     def estimate(*sm):
@@ -206,6 +215,16 @@ def compare_refs(workspace: Path, job_id: str | None) -> tuple[str, str]:
     if adapter is None or not (adapter / "adapter_config.json").is_file():
         raise ValueError("pick a finished local job: its adapter folder is not there yet")
     return f"local:{job['model']}", f"local:{job['model']}+{adapter}"
+
+
+def yaml_file(workspace: Path, path: str, must_exist: bool = False) -> Path:
+    """The YAML file a user typed, confined to the workspace (relative names are taken from it)."""
+    full = inside(workspace, path)
+    if full.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"{path} is not a .yaml / .yml file")
+    if must_exist and not full.is_file():
+        raise ValueError(f"no such file in the workspace: {path}")
+    return full
 
 
 def _datasets(workspace: Path) -> list[str]:

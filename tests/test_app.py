@@ -40,3 +40,57 @@ def test_listening_on_all_interfaces_without_a_login_is_refused(tmp_path):
 def test_a_real_base_is_used_as_given_without_building_the_demo(tmp_path):
     assert app.prepare_models(tmp_path, "llava-hf/llava-1.5-7b-hf", None) == ("llava-hf/llava-1.5-7b-hf", None)
     assert not (tmp_path / "models").exists()
+
+
+def test_a_password_on_the_command_line_is_refused_saying_what_to_use(tmp_path):
+    out = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--auth", "alice:s3cret",
+                          "--workspace", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.returncode != 0 and "--auth-file" in out.stderr and "STUDIO_AUTH" in out.stderr
+    assert "s3cret" not in out.stderr + out.stdout
+    assert not (tmp_path / "models").exists()
+
+
+def test_the_login_is_read_from_a_file_or_the_environment(tmp_path):
+    login = tmp_path / "login"
+    login.write_text("alice:s3cret:x\n")
+    assert app.read_auth(app.parse_args(["--auth-file", str(login)]), env={}) == ("alice", "s3cret:x")
+    assert app.read_auth(app.parse_args([]), env={"STUDIO_AUTH": "bob:pw"}) == ("bob", "pw")
+    assert app.read_auth(app.parse_args([]), env={}) is None
+    with pytest.raises(SystemExit, match="cannot read"):
+        app.read_auth(app.parse_args(["--auth-file", str(tmp_path / "missing")]), env={})
+
+
+def test_a_studio_started_with_an_auth_file_asks_for_that_login(demo_model, tmp_path):
+    import time
+    import urllib.request
+
+    from gradio_client import Client
+
+    from conftest import free_port
+
+    login = tmp_path / "login"
+    login.write_text("alice:long-password\n")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--workspace", str(tmp_path / "ws"),
+                             "--base", str(demo_model), "--auth-file", str(login)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "studio did not start"
+                time.sleep(0.5)
+        assert "long-password" not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+        with pytest.raises(Exception):
+            Client(url, verbose=False)
+        with pytest.raises(Exception):
+            Client(url, auth=("alice", "wrong"), verbose=False)
+        assert Client(url, auth=("alice", "long-password"), verbose=False).view_api(print_info=False, return_format="dict")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -74,3 +74,24 @@ def test_a_huge_bomb_past_pils_own_limit_gets_the_same_clear_message():
     bomb = png_bytes(Image.new("1", (20_000, 10_000)))
     with pytest.raises(ImageError, match="decompression bomb"):
         load_image(bomb)
+
+
+def test_a_long_thin_png_is_refused_from_its_header_before_padding_squares_it():
+    # 20000x10 is only 0.2 MP, but pad-to-square would make it 400 MP (6.5 GB of studio memory).
+    bomb = png_bytes(Image.new("L", (20_000, 10)))
+    assert len(bomb) < 2_000
+    for size in ((20_000, 10), (10, 40_000)):
+        with pytest.raises(ImageError, match="each side may be at most"):
+            load_image(png_bytes(Image.new("L", size)))
+
+
+def test_pad_to_square_refuses_an_image_whose_square_would_be_a_bomb():
+    with pytest.raises(ImageError, match="each side"):
+        pad_to_square(Image.new("RGB", (20_000, 10)))
+    assert pad_to_square(Image.new("RGB", (6_000, 10))).size == (6_000, 6_000)
+
+
+def test_a_missing_file_message_does_not_show_its_folder(tmp_path):
+    with pytest.raises(ImageError) as e:
+        load_image(tmp_path / "gradio" / "abc123" / "chart.png")
+    assert "chart.png" in str(e.value) and str(tmp_path) not in str(e.value)

@@ -72,6 +72,17 @@ def tail(path: Path, lines: int = 50) -> str:
 
 
 # ---------------------------------------------------------------- local processes
+# Secrets of the studio that a local training job never needs: the studio's login, the OpenAI-style
+# endpoint key, and AWS credentials (a local job reads local files; SageMaker jobs get their own role).
+SECRET_ENV = ("STUDIO_AUTH", "OPENAI_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AWS_SECURITY_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE")
+
+
+def child_env(env=None) -> dict[str, str]:
+    """The environment for a job's process: the studio's, less the secrets in SECRET_ENV."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in SECRET_ENV}
+
+
 def _alive(pid: int, marker: str) -> bool:
     """True if `pid` runs and is still our job (pid reuse: its command line names the run's config)."""
     proc = Path(f"/proc/{pid}")
@@ -111,7 +122,7 @@ class LocalLauncher:
         if gpus > 1:
             cmd = [self.python, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)] + cmd[1:]
         log = run_dir / "train.log"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        env = {**child_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
