@@ -177,8 +177,7 @@ def build(studio: Studio) -> dict:
 
     def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, progress=gr.Progress()):
         try:
-            examples = compare.sample_examples(studio.path("datasets", name) if "/" not in (name or "") else name,
-                                               int(n), int(seed))
+            examples = compare.sample_examples(inside(studio.path("datasets"), name or ""), int(n), int(seed))
             refs = [compare.to_ref(ref_a, kind_a_, studio.base), compare.to_ref(ref_b, kind_b_, studio.base)]
             q = compare.check_question(q) if q and q.strip() else None
         except Exception as e:           # noqa: BLE001
