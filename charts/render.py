@@ -34,7 +34,7 @@ class _Layout:
         self.left = 14 + self.tick_w + (self.line * 2 if spec.y_label else 0)
         self.bottom = 12 + self.tick_h + (self.line * 1.8 if spec.x_label else 0)
         self.top = _title_band(page)
-        self.right = 20
+        self.right = spec.style.get("right_margin", 20)     # demo looks: room for half a large tick label
         if legend == "right":
             self.right += _legend_size(page, list(spec.series))[0] + 16
         if legend == "below":
@@ -83,7 +83,8 @@ def _frame(page: Page, lay: _Layout, xlim, ylim, value_axis: str | None, x_label
     ax.set_ylim(*ylim)
     for axis in (value_axis or ""):
         lo, hi = sorted(xlim if axis == "x" else ylim)
-        ticks = [t for t in MaxNLocator(6).tick_values(lo, hi) if lo - 1e-9 <= t <= hi + 1e-9]
+        # demo looks set fewer ticks: their large type would run six tick labels together on a short axis
+        ticks = [t for t in MaxNLocator(st.get("max_ticks", 6)).tick_values(lo, hi) if lo - 1e-9 <= t <= hi + 1e-9]
         fmt = spec.x_fmt if (axis == "x" and spec.kind == "scatter") else spec.fmt
         labels = [(t, format_value(t, fmt)) for t in ticks]
         if axis == "y":
@@ -270,6 +271,11 @@ def _draw_bar(page: Page):
             plot_h = lay.box()[3]
             hi = max([hi] + [v * plot_h / max(plot_h * 0.3, plot_h - 10 - page.width(t, label_size))
                              for v, t in zip(tops, texts)])
+    if horizontal and st["value_labels"] and st.get("fit_value_labels"):
+        # the demo looks' large labels beside the bars: raise the limit until the widest one fits
+        plot_w = lay.box()[2]
+        hi = max([hi] + [v * plot_w / max(plot_w * 0.3, plot_w - 8 - page.width(format_value(v, spec.fmt), label_size))
+                         for v in tops])
     if not horizontal:
         hi = _above_legend(page, lay, n, 0, max(tops), hi)
     polygons, fills = [], []

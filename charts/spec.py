@@ -180,6 +180,21 @@ BACKGROUNDS = ["#ffffff", "#ffffff", "#f7f7f7", "#fbf8f1", "#f4f6fb"]
 SIZES = [(640, 480), (640, 400), (512, 512), (600, 450), (576, 432), (560, 420)]  # pixels; modest: PNG time grows with area
 LEGEND_PLACES = ["upper right", "upper left", "outside right", "below"]
 
+# Looks: how a chart is drawn beyond the sampled style. "default" is the full style range above. The demo
+# looks are for the small LLaVA that training/pretrain.py trains from scratch: it sees a chart as 24x24
+# patches of 16 px at 384x384, so the chart is drawn square at that size (nothing is shrunk or padded
+# away) with type of 12-15 pt (17-21 px: a capital spans about one patch; at the default 8-11 pt shrunk
+# from 640 px a letter is a third of a patch) and fewer categories and series, so labels have room to
+# stay upright. "demo-easy" is the first stage of its curriculum: the largest type, values always
+# printed, the fewest categories. None of this changes the default look's random draws.
+LOOKS = {
+    "default": None,
+    "demo": {"size": 384, "fonts": ("DejaVu Sans", "Liberation Sans", "DejaVu Serif"), "font_size": (12, 13),
+             "title_size": (13, 14), "max_categories": 6, "max_series": 3, "value_labels": 0.8},
+    "demo-easy": {"size": 384, "fonts": ("DejaVu Sans",), "font_size": (14,), "title_size": (15,),
+                  "max_categories": 4, "max_series": 2, "value_labels": 1.0},
+}
+
 
 # ---------------------------------------------------------------- sampling
 def _distinct(values: list[float], fmt: str, rng: random.Random) -> list[float]:
@@ -228,6 +243,11 @@ def _shares(rng: random.Random, n: int) -> list[float]:
     return [float(s) for s in [100 - 3 * (n - 1) - sum(range(n - 1))] + [3 + i for i in range(n - 1)]]
 
 
+def _cap(lo: int, hi: int, cap: int | None) -> int:
+    """`hi` lowered to a look's cap (never below `lo`); the default look has none."""
+    return hi if cap is None else max(lo, min(hi, cap))
+
+
 def _pick_categories(rng: random.Random, lo: int, hi: int) -> tuple[str, list[str]]:
     name = rng.choice(list(CATEGORY_SETS))
     pool = CATEGORY_SETS[name][3]
@@ -271,14 +291,31 @@ def sample_style(kind: str, rng: random.Random) -> dict:
     }
 
 
-def sample_spec(kind: str, rng: random.Random) -> ChartSpec:
-    """A random but realistic chart of `kind`; the same rng state gives the same spec."""
+def _apply_look(style: dict, look: dict, rng: random.Random) -> dict:
+    return {**style, "width": look["size"], "height": look["size"], "font": rng.choice(look["fonts"]),
+            "font_size": rng.choice(look["font_size"]), "title_size": rng.choice(look["title_size"]),
+            "value_labels": rng.random() < look["value_labels"], "max_ticks": 4,
+            # a legend row below, or a column beside, would not fit 384 px of large type: inside only;
+            # likewise a funnel's "93.2k (60.9%)" beside a narrow stage
+            "legend": rng.choice(("upper right", "upper left")), "show_rate": False, "fit_value_labels": True,
+            "right_margin": 36}
+
+
+def sample_spec(kind: str, rng: random.Random, look: str = "default") -> ChartSpec:
+    """A random but realistic chart of `kind`; the same rng state gives the same spec. `look` is a
+    key of LOOKS."""
     if kind not in KINDS:
         raise ValueError(f"unknown chart kind {kind!r}; choose from {', '.join(KINDS)}")
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}; choose from {', '.join(LOOKS)}")
     style = sample_style(kind, rng)
+    lk = LOOKS[look]
+    cats_cap, series_cap = (lk["max_categories"], lk["max_series"]) if lk else (None, None)
+    if lk:
+        style = _apply_look(style, lk, rng)
 
     if kind in ("pie", "donut"):
-        name, cats = _pick_categories(rng, 3, 6)
+        name, cats = _pick_categories(rng, 3, _cap(3, 6, cats_cap))
         sing, plural, whole, _ = CATEGORY_SETS[name]
         title = rng.choice([f"{whole[0].upper() + whole[1:]} by {sing}", f"Share of {whole} by {sing}",
                             f"Distribution of {whole} across {plural}"])
@@ -287,7 +324,7 @@ def sample_spec(kind: str, rng: random.Random) -> ChartSpec:
 
     if kind == "funnel":
         title, stages = rng.choice(FUNNELS)
-        k = rng.randint(4, len(stages))
+        k = rng.randint(4, _cap(4, len(stages), cats_cap))
         v = rng.uniform(2e3, 2e5)
         vals = []
         for _ in range(k):
@@ -300,7 +337,7 @@ def sample_spec(kind: str, rng: random.Random) -> ChartSpec:
     if kind == "scatter":
         name, (xl, _xm), xfmt, (xlo, xhi), (yl, ym), yfmt, (ylo, yhi) = rng.choice(SCATTER_PAIRS)
         sing, plural, _, pool = CATEGORY_SETS[name]
-        cats = rng.sample(pool, rng.randint(5, min(8, len(pool))))
+        cats = rng.sample(pool, rng.randint(5, _cap(5, min(8, len(pool)), cats_cap)))
         xs = [quantize(math.exp(rng.uniform(math.log(xlo), math.log(xhi))), xfmt) for _ in cats]
         ys = _distinct([rng.uniform(ylo, yhi) for _ in cats], yfmt, rng)
         title = f"{yl.split(' (')[0]} vs {xl.split(' (')[0].lower()} by {sing}"
@@ -313,8 +350,9 @@ def sample_spec(kind: str, rng: random.Random) -> ChartSpec:
         measure, axis_label, fmt, low, high = rng.choice(MEASURES)
 
     if kind in ("line", "multi_line", "area"):
-        (tlabel, sing, plural, _), cats = _pick_time(rng, 5, 12)
-        n_series = {"line": 1, "multi_line": rng.randint(2, 4), "area": rng.randint(1, 2)}[kind]
+        (tlabel, sing, plural, _), cats = _pick_time(rng, 5, _cap(5, 12, cats_cap and cats_cap + 1))
+        n_series = {"line": 1, "multi_line": rng.randint(2, _cap(2, 4, series_cap)),
+                    "area": rng.randint(1, 2)}[kind]
         names = rng.choice(SERIES_SETS)[:n_series] if n_series > 1 else [axis_label.split(" (")[0]]
         series = {s: _walk(rng, len(cats), fmt, low, high) for s in names}
         title = rng.choice([f"{measure[0].upper() + measure[1:]} by {sing}", f"{axis_label.split(' (')[0]} over time",
@@ -325,14 +363,14 @@ def sample_spec(kind: str, rng: random.Random) -> ChartSpec:
     # bars and infographic panels: categories or (sometimes) time on the category axis
     use_time = kind in ("bar", "grouped_bar", "stacked_bar") and rng.random() < 0.3
     if use_time:
-        (xlabel, sing, plural, _), cats = _pick_time(rng, 4, 8)
+        (xlabel, sing, plural, _), cats = _pick_time(rng, 4, _cap(4, 8, cats_cap))
     else:
-        name, cats = _pick_categories(rng, 3, 7 if kind != "infographic" else 6)
+        name, cats = _pick_categories(rng, 3, _cap(3, 7 if kind != "infographic" else 6, cats_cap))
         sing, plural = CATEGORY_SETS[name][:2]
         xlabel = sing[0].upper() + sing[1:]
     if kind in ("grouped_bar", "stacked_bar"):
         names = rng.choice(SERIES_SETS)
-        names = names[:rng.randint(2, min(4, len(names)))]
+        names = names[:rng.randint(2, _cap(2, min(4, len(names)), series_cap))]
         cats = cats[:5]
     else:
         names = [axis_label.split(" (")[0]]

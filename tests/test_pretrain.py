@@ -1,0 +1,109 @@
+"""The demo model's pretraining path, end to end at tiny scale on CPU: train, checkpoint, resume, export,
+evaluate (training/pretrain.py with the `tiny` preset; ~1 minute on 2 cores)."""
+import io
+import json
+import random
+
+import pytest
+
+from charts.questions import FAMILIES
+from charts.render import render, text_boxes
+from charts.spec import KINDS, LOOKS, format_value, sample_spec
+from charts.tables import data_table
+from training.pretrain import PRESETS, main
+from training.pretrain_data import (IGNORE, Stage, chat_text, draw_chart, encode, stage_of, tokenizer_corpus,
+                                    train_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run 1 trains 4 steps (no eval); run 2 resumes it for 3 more, exports the HF folder and evaluates."""
+    root = tmp_path_factory.mktemp("pretrain")
+    first = main(["--preset", "tiny", "--out", str(root / "a"), "--steps", "4", "--workers", "1", "--no-eval",
+                  "--deadline-s", "120"])
+    second = main(["--resume", str(root / "a" / "ckpt"), "--out", str(root / "b"), "--steps", "3", "--workers", "1",
+                   "--hf-dir", str(root / "hf"), "--deadline-s", "120"])
+    return root, first, second
+
+
+def test_resume_continues_the_step_count_and_the_chart_stream(runs):
+    root, first, second = runs
+    assert first["state"]["step"] == 4
+    assert second["state"]["step"] == 7
+    assert [r["steps"] for r in second["state"]["runs"]] == [[0, 4], [4, 7]]
+    assert second["state"]["next_index"] > first["state"]["next_index"]
+    saved = json.loads((root / "b" / "ckpt" / "state.json").read_text())
+    assert saved["step"] == 7 and all((root / "b" / "ckpt" / n).exists() for n in saved["shards"])
+
+
+def test_exported_model_loads_with_the_auto_classes_and_answers(runs):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    root = runs[0]
+    model = AutoModelForImageTextToText.from_pretrained(root / "hf")
+    processor = AutoProcessor.from_pretrained(root / "hf")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the highest value?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nWhat is the highest value? ASSISTANT:"      # eval.demo's template
+    spec = sample_spec("bar", random.Random(0), "demo")
+    image = Image.open(io.BytesIO(render(spec))).convert("RGB")
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert isinstance(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True), str)
+    assert processor.tokenizer.tokenize("2024") == ["2", "0", "2", "4"]       # digits one by one
+
+
+def test_held_out_kind_is_never_drawn_for_pretraining(runs):
+    held = PRESETS["tiny"].held_out
+    assert held not in runs[2]["state"]["kinds_trained"]
+    assert sum(runs[2]["state"]["kinds_trained"].values()) > 0
+    p = PRESETS["demo"]
+    for i in range(0, 600_000, 997):
+        spec, _, _ = draw_chart(i, p.seed, stage_of(p.stages, i), p.held_out)
+        assert spec.kind != p.held_out
+
+
+def test_eval_json_scores_every_family_seen_swapped_and_prior(runs):
+    root = runs[0]
+    result = json.loads((root / "b" / "eval.json").read_text())
+    assert set(result["seen"]["by_family"]) == set(FAMILIES)
+    for key in ("seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior"):
+        assert result[key]["n"] > 0 and result[key]["by_family"]
+    assert result["held_out_kind"] == "hbar" and set(result["held_out"]["by_kind"]) == {"hbar"}
+    assert "hbar" not in result["seen"]["by_kind"]
+    assert result["step"] == 7 and result["device_seconds"] > 0
+
+
+def test_labels_cover_each_answer_with_its_leading_space_and_eos():
+    tok = train_tokenizer(tokenizer_corpus(0, 30, (Stage(0, "demo"),), "hbar"), 300)
+    turns = [("What is the value for North?", "$3.4M", 1), ("Generate the table.", "TITLE | X\nA | 1", 2)]
+    ids, labels, task = encode(tok, *chat_text(turns), tok.token_to_id("<image>"), 5)
+    answers = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE], skip_special_tokens=False)
+    assert answers == " $3.4M</s> TITLE | X\nA | 1</s>"
+    assert ids.count(tok.token_to_id("<image>")) == 5
+    assert {t for t, lab in zip(task, labels) if lab != IGNORE} == {1, 2}
+
+
+def test_data_table_lists_every_category_and_value_as_printed():
+    for kind in KINDS:
+        spec = sample_spec(kind, random.Random(f"table:{kind}"), "demo")
+        text = data_table(spec)
+        assert text.splitlines()[0] == f"TITLE | {spec.title}"
+        assert len(text.splitlines()) == 2 + len(spec.categories)
+        for i, c in enumerate(spec.categories):
+            assert c in text
+            series = list(spec.series)[-1]
+            fmt = "percent" if kind in ("pie", "donut") else spec.fmt
+            assert format_value(spec.series[series][i], fmt) in text
+
+
+@pytest.mark.parametrize("look", [k for k in LOOKS if k != "default"])
+def test_demo_looks_draw_square_charts_whose_text_fits(look):
+    for i, kind in enumerate(KINDS * 3):
+        spec = sample_spec(kind, random.Random(f"look:{look}:{i}"), look)
+        size = LOOKS[look]["size"]
+        assert (spec.style["width"], spec.style["height"]) == (size, size)
+        assert len(spec.categories) <= max(LOOKS[look]["max_categories"] + 1, 5)   # time axes +1, scatter 5
+        for text, (left, top, right, bottom), _ in text_boxes(spec):
+            assert left >= -0.5 and top >= -0.5 and right <= size + 0.5 and bottom <= size + 0.5, (kind, text)

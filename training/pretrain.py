@@ -1,0 +1,583 @@
+"""Pretrain the demo's small chart-reading LLaVA from scratch on the project's own synthetic charts.
+
+    python -m training.pretrain --preset demo --out OUT [--resume CKPT] --minutes 8 --workers 15
+    python -m training.pretrain --preset tiny --out /tmp/tiny                     # the whole path on CPU, ~1 min
+    python -m training.pretrain --resume OUT/ckpt --out OUT2 --eval-only          # score a checkpoint
+    python -m training.pretrain --resume OUT/ckpt --out OUT2 --steps 0 --no-eval --hf-dir assets/demo-llava
+
+On the GPU machine: `bash training/pretrain_gpu.sh` (reads .gpu/demo-ckpt/ if present, writes $OUT).
+
+What it builds: a standard Hugging Face `LlavaForConditionalGeneration` (CLIP-style vision tower ->
+MLP projector -> Llama) with a byte-level BPE tokenizer whose digits are single tokens and the studio's
+chat template (eval.demo.CHAT_TEMPLATE), so `AutoModelForImageTextToText` / `AutoProcessor` load the
+exported folder like a hub checkpoint. Why each size is what it is: see PRESETS below.
+
+What it trains on: charts drawn by charts/ in DataLoader worker processes while the GPU trains
+(training/pretrain_data.py), each chart one sequence of its questions plus its data table (the
+Pix2Struct / MatCha / DePlot target: the table makes the model read every label and value, where a
+question asks about one), answer-only loss, the kinds and looks of a curriculum, one kind held out.
+
+Why a hand-written loop, not the HF Trainer: the data is an endless stream fed through a GPU-resident
+replay buffer (generation on 16 cores is slower than training, so each chart is used a few times while
+new ones arrive), and a run must stop on a wall-clock deadline with a checkpoint that fits through a
+64 MiB transfer. The loop is `train()`; the model, loss and optimizer are the standard ones.
+
+Output (OUT): ckpt/ (fp16 safetensors shards <= 16 MB + state.json: step, data position, schedule,
+model config, tokenizer; optimizer state is not kept, a resumed run re-warms a fresh AdamW),
+metrics.jsonl (loss and throughput every ~30 s), eval.json (training/pretrain_eval.py).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from charts.io import append_jsonl, atomic_write_json
+from training.pretrain_data import IGNORE, IMAGE, TASK_QA, TASK_TABLE, Stage, StreamConfig
+
+EASY_KINDS = ("bar", "pie", "line", "infographic")
+STATE = "state.json"
+SHARD_BYTES = 15_000_000        # under the 16 MiB a file may be to come back from the GPU machine
+
+
+@dataclass
+class PretrainPreset:
+    name: str
+    seed: int = 0
+    # --- model. 384 px in 16 px patches = 576 image tokens: the demo look's 12-15 pt type (17-21 px)
+    # puts a letter's height in about one patch, the scale at which Pix2Struct-style models read text;
+    # 14 px patches would cost 1.4x the tokens, 32 px ones would put whole words in one patch.
+    image_size: int = 384
+    patch_size: int = 16
+    vision_hidden: int = 384     # reading is the hard part: the vision tower gets as much as the LM
+    vision_layers: int = 6
+    vision_heads: int = 6
+    vision_mlp: int = 1536
+    text_hidden: int = 384
+    text_layers: int = 7         # 6 + 7 layers of 384: ~23M parameters, ~46 MB in fp16 (the cap is 50)
+    text_heads: int = 6
+    text_kv_heads: int = 2
+    text_mlp: int = 1024
+    vocab_size: int = 2048       # chart words and numbers only: a small vocab keeps the tied embedding small
+    max_length: int = 1024       # 576 image tokens + ~8 questions + a data table
+    # --- data
+    held_out: str = "hbar"       # shares every family with bar; the demo fine-tune teaches it
+    qa_per_chart: int = 8
+    table_share: float = 0.9     # charts whose sequence ends with the data-table turn
+    instruct_share: float = 0.5  # first questions ending with the benchmark's short-answer instruction
+    qa_weight: float = 0.5       # loss = qa_weight * mean(QA tokens) + (1 - qa_weight) * mean(table tokens)
+    # Curriculum by chart index (reproducible, whatever the speed): big type, few simple kinds first;
+    # then every kind but the held-out one in the demo look; then a share of the full default style range.
+    stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
+                     Stage(400_000, "demo", default_share=0.2))
+    tokenizer_charts: int = 3000
+    # --- schedule: warmup, constant, linear decay over the last decay_share of total_steps (WSD: the
+    # run count is unknown in advance, and a constant rate suits a fresh AdamW after each resume)
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 300
+    resume_warmup_steps: int = 100
+    total_steps: int = 10_000
+    decay_share: float = 0.2
+    weight_decay: float = 0.05
+    # --- replay buffer on the GPU (uint8 images: 20k x 442 KB = 8.8 GB)
+    buffer_charts: int = 20_000
+    min_ready: int = 1500        # charts in the buffer before the first step
+    loader_batch: int = 16       # charts per worker hand-off
+    # --- run
+    checkpoint_minutes: float = 3.0
+    log_seconds: float = 30.0
+    eval_seen_charts: int = 240
+    eval_held_out_charts: int = 80
+    eval_batch: int = 256
+    eval_reserve_s: float = 75.0  # kept free at the end of --deadline-s for the eval and the save
+    prior_charts: int = 3000
+    test_seed: int = 424242
+
+    def replace(self, **kw) -> "PretrainPreset":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    "demo": PretrainPreset("demo"),
+    # Every step of the path on 2 CPU cores in about a minute: tiny sizes, a handful of steps.
+    "tiny": PretrainPreset("tiny", image_size=64, vision_hidden=32, vision_layers=2, vision_heads=2, vision_mlp=64,
+                           text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64, vocab_size=400,
+                           max_length=400, qa_per_chart=4,
+                           stages=(Stage(0, "demo-easy", EASY_KINDS), Stage(12, "demo"),
+                                   Stage(24, "demo", default_share=0.3)),
+                           tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
+                           total_steps=40, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
+                           eval_seen_charts=8, eval_held_out_charts=4, eval_batch=32, eval_reserve_s=25.0,
+                           prior_charts=150),
+}
+
+
+# ---------------------------------------------------------------- tokenizer, processor, model
+def hf_tokenizer(tokenizer_json: str, max_length: int):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from eval.demo import CHAT_TEMPLATE
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE}, padding_side="left",
+        chat_template=CHAT_TEMPLATE, model_max_length=max_length)
+
+
+def build_processor(p: PretrainPreset, tokenizer):
+    from transformers import LlavaProcessor
+    try:    # the PIL processor needs no torchvision (never installed on CPU machines)
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+
+    from eval.demo import CHAT_TEMPLATE
+    image_processor = ImageProcessor(size={"shortest_edge": p.image_size},
+                                     crop_size={"height": p.image_size, "width": p.image_size})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=p.patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE)
+
+
+def model_config(p: PretrainPreset, tokenizer) -> dict:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    vision = CLIPVisionConfig(image_size=p.image_size, patch_size=p.patch_size, hidden_size=p.vision_hidden,
+                              intermediate_size=p.vision_mlp, num_hidden_layers=p.vision_layers,
+                              num_attention_heads=p.vision_heads, projection_dim=p.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=p.text_hidden, intermediate_size=p.text_mlp,
+                       num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads,
+                       num_key_value_heads=p.text_kv_heads, max_position_embeddings=max(2048, p.max_length + 64),
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    # vision_feature_layer -1: a tower trained from scratch for this model has no reason to waste its top layer
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         image_seq_length=(p.image_size // p.patch_size) ** 2, projector_hidden_act="gelu",
+                         tie_word_embeddings=True)
+    return config.to_dict()
+
+
+def build_model(config: dict, tokenizer, seed: int, weights: dict | None = None):
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig.from_dict(config))
+    if weights is not None:
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
+    return model
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(model, state: dict, ckpt: Path) -> None:
+    """fp16 weights in shards of <= SHARD_BYTES (tied lm_head stored once) + state.json, swapped in whole."""
+    import torch
+    from safetensors.torch import save_file
+    tmp = ckpt.with_name(ckpt.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    seen, shards, cur, size = set(), [], {}, 0
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        t = t.detach().to("cpu", dtype=torch.float16 if t.is_floating_point() else t.dtype)
+        if cur and size + t.numel() * t.element_size() > SHARD_BYTES:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = t.contiguous()
+        size += t.numel() * t.element_size()
+    shards.append(cur)
+    names = [f"weights-{k + 1:02d}-of-{len(shards):02d}.safetensors" for k in range(len(shards))]
+    for n, sd in zip(names, shards):
+        save_file(sd, str(tmp / n))
+    state["shards"] = names
+    atomic_write_json(tmp / STATE, state)
+    old = ckpt.with_name(ckpt.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+    state = json.loads((Path(ckpt) / STATE).read_text(encoding="utf-8"))
+    weights = {}
+    for n in state["shards"]:
+        weights.update(load_file(str(Path(ckpt) / n)))
+    return state, weights
+
+
+def export_hf(model, processor, out_dir: Path) -> Path:
+    """The model in fp16 + its processor in the standard layout (what assets/demo-llava ships)."""
+    import torch
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(model).to("cpu", dtype=torch.float16).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- replay buffer
+class Replay:
+    """The last `capacity` charts on the GPU (uint8 images) with their token rows on the CPU. Batches
+    take every chart not yet trained on first, then fill up with random earlier ones."""
+
+    def __init__(self, capacity: int, size: int, device):
+        import torch
+        self.pixels = torch.empty((capacity, size, size, 3), dtype=torch.uint8, device=device)
+        self.rows: list = [None] * capacity
+        self.capacity, self.filled, self.next, self.device = capacity, 0, 0, device
+        self.fresh: deque[int] = deque()
+        self.added = 0
+
+    def add(self, batch: dict) -> None:
+        import torch
+        n = len(batch["ids"])
+        slots = [(self.next + k) % self.capacity for k in range(n)]
+        self.pixels[torch.tensor(slots, device=self.device)] = batch["pixels"].to(self.device, non_blocking=True)
+        for s, ids, labels, task in zip(slots, batch["ids"], batch["labels"], batch["task"]):
+            self.rows[s] = (ids, labels, task)
+        self.fresh.extend(slots)
+        self.next = (self.next + n) % self.capacity
+        self.filled = min(self.capacity, self.filled + n)
+        self.added += n
+
+    def take(self, k: int, rng: random.Random) -> list[int]:
+        out = [self.fresh.popleft() for _ in range(min(k, len(self.fresh)))]
+        return out + [rng.randrange(self.filled) for _ in range(k - len(out))]
+
+
+def _feed(loader, q: queue.Queue, stop: threading.Event) -> None:
+    """Move worker batches into `q` until `stop` (a thread: the trainer never waits on a worker)."""
+    for batch in loader:
+        while not stop.is_set():
+            try:
+                q.put(batch, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        if stop.is_set():
+            return
+
+
+def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
+    """Right-padded ids (to a multiple of 32: fewer distinct shapes), and the answer positions with
+    their targets and loss weights, found on the CPU so the step never waits on the GPU."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+    rows = [replay.rows[s] for s in slots]
+    ids = pad_sequence([r[0] for r in rows], batch_first=True, padding_value=pad_id).long()
+    labels = pad_sequence([r[1] for r in rows], batch_first=True, padding_value=IGNORE).long()
+    task = pad_sequence([r[2] for r in rows], batch_first=True, padding_value=0)
+    width = -(-ids.shape[1] // 32) * 32
+    if width > ids.shape[1]:
+        extra = width - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
+        labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE)
+        task = torch.nn.functional.pad(task, (0, extra), value=0)
+    tgt = labels[:, 1:].reshape(-1)
+    pos = (tgt != IGNORE).nonzero().squeeze(1)
+    kind = task[:, 1:].reshape(-1)[pos]
+    n_qa, n_table = int((kind == TASK_QA).sum()), int((kind == TASK_TABLE).sum())
+    qa_w = p.qa_weight if n_table else 1.0
+    weight = torch.where(kind == TASK_TABLE, torch.tensor((1 - qa_w) / max(1, n_table)),
+                         torch.tensor(qa_w / max(1, n_qa)))
+    return ids, pos, tgt[pos], weight, kind, int((ids != pad_id).sum())
+
+
+def lr_at(step: int, p: PretrainPreset, total: int, resumed_at: int | None) -> float:
+    warm = min(1.0, (step + 1) / max(1, p.warmup_steps))
+    if resumed_at is not None:      # the fresh AdamW of a resumed run re-learns its moments first
+        warm = min(warm, (step - resumed_at + 1) / max(1, p.resume_warmup_steps))
+    decay_from = total * (1 - p.decay_share)
+    f = 1.0 if step < decay_from else 1 - (1 - p.min_lr_ratio) * (step - decay_from) / max(1, total - decay_from)
+    return p.lr * warm * max(p.min_lr_ratio, f)
+
+
+def pixel_fn(processor, device):
+    """uint8 NHWC on the device -> the processor's normalized NCHW floats."""
+    import torch
+    ip = processor.image_processor
+    mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
+    return lambda u8: (u8.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+def log(msg: str, t0: float) -> None:
+    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- training
+def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, out: Path, args, t0: float,
+          device) -> dict:
+    """Train until the step budget, --steps, --minutes or the deadline; checkpoint every few minutes.
+    Updates and returns `state`."""
+    import torch
+    from training.pretrain_data import chart_loader
+    cuda = device.type == "cuda"
+    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "embed" not in n]
+    rest = [q for n, q in model.named_parameters() if q.ndim < 2 or "embed" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
+    forward = torch.compile(model.model, dynamic=True) if args.compile else model.model
+    to_pixels = pixel_fn(processor, device)
+    replay = Replay(p.buffer_charts, p.image_size, device)
+    loader = chart_loader(cfg, state["next_index"], args.workers, p.loader_batch, pin=cuda)
+    q: queue.Queue = queue.Queue(maxsize=max(8, 2 * args.workers))
+    stop = threading.Event()
+    threading.Thread(target=_feed, args=(loader, q, stop), daemon=True).start()
+    rng = random.Random(f"{p.seed}:replay:{state['step']}")
+    resumed_at = state["step"] if state["step"] else None
+    total = state["total_steps"]
+    kinds, looks = Counter(state["kinds_trained"]), Counter(state["looks_trained"])
+    pad_id = processor.tokenizer.pad_token_id
+    start_step, t_wait = state["step"], time.time()
+    trained0, generated0 = state["charts_trained"], state["charts_generated"]
+
+    def pull(block: bool) -> None:
+        while len(replay.fresh) < p.batch_size:
+            try:
+                batch = q.get(timeout=5) if block else q.get_nowait()
+            except queue.Empty:
+                return
+            replay.add(batch)
+            state["next_index"] = max(state["next_index"], max(batch["index"]) + 1)
+            kinds.update(batch["kind"])
+            looks.update(batch["look"])
+            block = False
+
+    need = min(p.min_ready, p.buffer_charts)
+    while replay.filled < need and time.time() - t_wait < 300:
+        replay.fresh.clear()                # pull() stops at a batch's worth of fresh charts: keep filling
+        pull(block=True)
+    replay.fresh = deque(range(replay.filled))
+    t_start = time.time()
+    log(f"buffer ready: {replay.filled} charts in {t_start - t_wait:.1f}s; training from step {state['step']}", t0)
+    budget_end = min(t_start + args.minutes * 60, t0 + args.deadline_s - (p.eval_reserve_s if not args.no_eval else 10))
+    next_ckpt = t_start + p.checkpoint_minutes * 60
+    win = {"t": time.time(), "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
+           "n_qa": 0, "n_table": 0, "steps": 0}
+    trained = 0
+    model.train()
+    while state["step"] < total and state["step"] - start_step < args.steps and time.time() < budget_end:
+        pull(block=replay.filled == 0)
+        slots = replay.take(p.batch_size, rng)
+        ids, pos, tgt, weight, kind, n_tok = _batch(replay, slots, pad_id, p)
+        lr = lr_at(state["step"], p, total, resumed_at)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, pos, tgt, weight, kind_d = (x.pin_memory().to(device, non_blocking=True) if cuda else x
+                                         for x in (ids, pos, tgt, weight, kind))
+        pv = to_pixels(replay.pixels[torch.tensor(slots, device=device)])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            h = forward(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
+            logits = model.lm_head(h[:, :-1].reshape(-1, h.shape[-1])[pos])
+        per_tok = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
+        loss = (per_tok * weight).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        state["step"] += 1
+        win["steps"] += 1
+        win["charts"] += len(slots)
+        trained += len(slots)
+        win["tokens"] += n_tok
+        d = per_tok.detach()
+        win["loss"] = win["loss"] + loss.detach()
+        win["qa"] = win["qa"] + (d * (kind_d == TASK_QA)).sum()
+        win["table"] = win["table"] + (d * (kind_d == TASK_TABLE)).sum()
+        win["n_qa"] += int((kind == TASK_QA).sum())
+        win["n_table"] += int((kind == TASK_TABLE).sum())
+        now = time.time()
+        if now - win["t"] >= p.log_seconds or state["step"] >= total:
+            dt = now - win["t"]
+            rec = {"step": state["step"], "loss": round(float(win["loss"]) / win["steps"], 4),
+                   "qa_loss": round(float(win["qa"]) / max(1, win["n_qa"]), 4),
+                   "table_loss": round(float(win["table"]) / max(1, win["n_table"]), 4), "lr": round(lr, 6),
+                   "charts_per_s": round(win["charts"] / dt, 1),
+                   "fresh_charts_per_s": round((replay.added - win["added"]) / dt, 1),
+                   "tokens_per_s": round(win["tokens"] / dt), "buffer": replay.filled,
+                   "reuse": round((trained0 + trained) / max(1, generated0 + replay.added), 2),
+                   "elapsed_s": round(now - t0, 1)}
+            state["charts_trained"], state["charts_generated"] = trained0 + trained, generated0 + replay.added
+            append_jsonl(out / "metrics.jsonl", rec)
+            log(json.dumps(rec), t0)
+            win = {"t": now, "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
+                   "n_qa": 0, "n_table": 0, "steps": 0}
+        if now >= next_ckpt:
+            state.update(kinds_trained=dict(kinds), looks_trained=dict(looks))
+            save_checkpoint(model, state, out / "ckpt")
+            log(f"checkpoint at step {state['step']}", t0)
+            next_ckpt = now + p.checkpoint_minutes * 60
+    stop.set()
+    state["charts_trained"], state["charts_generated"] = trained0 + trained, generated0 + replay.added
+    train_s = time.time() - t_start
+    state["train_seconds"] = round(state.get("train_seconds", 0) + train_s, 1)
+    state.update(kinds_trained=dict(kinds), looks_trained=dict(looks))
+    state["runs"].append({"steps": [start_step, state["step"]], "train_s": round(train_s, 1),
+                          "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+                          "charts_per_s": round((state["step"] - start_step) * p.batch_size / max(train_s, 1e-9), 1),
+                          "charts_generated": replay.added})
+    del loader
+    return state
+
+
+# ---------------------------------------------------------------- the run
+def check_encoding(processor, tok, p: PretrainPreset) -> None:
+    """The worker-side encoding must give the very ids the saved processor gives (else training and
+    inference would see different prompts): checked once per run on a sample prompt."""
+    from PIL import Image
+
+    from training.pretrain_data import encode, prompt_text
+    text = prompt_text("What is the value for Q1 2024 in $3.4M?")
+    ours = encode(tok, text, [], tok.token_to_id(IMAGE), (p.image_size // p.patch_size) ** 2)[0]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text.split("\n", 1)[1][:-11]}]}]
+    rendered = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    theirs = processor(images=[Image.new("RGB", (p.image_size, p.image_size), "white")], text=[rendered],
+                       return_tensors="pt")["input_ids"][0].tolist()
+    if rendered != text or ours != theirs:
+        raise RuntimeError(f"worker encoding differs from the processor's: {rendered!r} vs {text!r}")
+
+
+def fresh_state(p: PretrainPreset, tok_json: str, config: dict) -> dict:
+    return {"format": 1, "preset": p.name, "seed": p.seed, "step": 0, "next_index": 0, "total_steps": p.total_steps,
+            "charts_trained": 0, "charts_generated": 0, "train_seconds": 0.0, "kinds_trained": {}, "looks_trained": {},
+            "held_out": p.held_out, "runs": [], "model_config": config, "tokenizer": tok_json}
+
+
+def run(args) -> dict:
+    t0 = time.time()
+    import torch
+    from tokenizers import Tokenizer
+
+    from training import pretrain_data as data
+    from training.pretrain_eval import evaluate, table
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = None
+    if args.resume:
+        state, weights = load_checkpoint(Path(args.resume))
+        p = PRESETS[args.preset or state["preset"]]
+    else:
+        p = PRESETS[args.preset or "demo"]
+    if args.total_steps:
+        p = p.replace(total_steps=args.total_steps)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if weights is None:
+        texts = data.tokenizer_corpus(p.seed, p.tokenizer_charts, p.stages, p.held_out)
+        tok_json = data.train_tokenizer(texts, p.vocab_size).to_str()
+        hf_tok = hf_tokenizer(tok_json, p.max_length)
+        state = fresh_state(p, tok_json, model_config(p, hf_tok))
+    else:
+        hf_tok = hf_tokenizer(state["tokenizer"], p.max_length)
+    if args.total_steps:
+        state["total_steps"] = args.total_steps
+    tok = Tokenizer.from_str(state["tokenizer"])
+    processor = build_processor(p, hf_tok)
+    check_encoding(processor, tok, p)
+    model = build_model(state["model_config"], hf_tok, p.seed, weights).to(device)
+    n_params = sum(t.numel() for t in model.parameters())
+    log(f"preset {p.name}: {n_params / 1e6:.2f}M parameters ({n_params * 2 / 1e6:.1f} MB fp16), "
+        f"{(p.image_size // p.patch_size) ** 2} image tokens, vocab {len(hf_tok)}, step {state['step']}, "
+        f"device {device}", t0)
+    cfg = StreamConfig(seed=p.seed, stages=p.stages, held_out=p.held_out, image_size=p.image_size,
+                       image_tokens=(p.image_size // p.patch_size) ** 2, max_length=p.max_length,
+                       qa_per_chart=p.qa_per_chart, table_share=p.table_share, instruct_share=p.instruct_share,
+                       tokenizer_json=state["tokenizer"])
+    if not args.eval_only and args.steps > 0:
+        state = train(model, processor, p, state, cfg, out, args, t0, device)
+    if state["runs"]:
+        state["runs"][-1]["wall_s"] = round(time.time() - t0, 1)
+    save_checkpoint(model, state, out / "ckpt")
+    log(f"checkpoint at step {state['step']} -> {out / 'ckpt'}", t0)
+    if args.hf_dir:
+        export_hf(model, processor, Path(args.hf_dir))
+        log(f"exported the model and processor to {args.hf_dir}", t0)
+    result = {}
+    if not args.no_eval:
+        final = p.stages[-1]
+        seen = data.training_kinds(final, p.held_out)
+        jobs = {"seen": [(i, p.test_seed, seen[i % len(seen)], final.look, p.image_size)
+                         for i in range(p.eval_seen_charts)],
+                "held_out": [(i, p.test_seed, p.held_out, final.look, p.image_size)
+                             for i in range(p.eval_held_out_charts)]}
+        # a pool only pays for its start-up on a real test set
+        charts = {k: data.test_charts(v, args.workers if len(v) >= 64 else 1) for k, v in jobs.items()}
+        prior = data.answer_prior(p.seed, final, p.held_out, p.prior_charts)
+        image_id, n_img = tok.token_to_id(IMAGE), (p.image_size // p.patch_size) ** 2
+        encode_prompt = lambda q: data.encode(tok, data.prompt_text(q), [], image_id, n_img)[0]  # noqa: E731
+        result = evaluate(model, hf_tok, charts, encode_prompt, pixel_fn(processor, device), prior, device,
+                          p.eval_batch)
+        result.update(step=state["step"], preset=p.name, held_out_kind=p.held_out, seen_kinds=list(seen),
+                      look=final.look, test_seed=p.test_seed, params=n_params, train_seconds=state["train_seconds"],
+                      device_seconds=round(sum(r.get("wall_s", 0) for r in state["runs"]), 1),
+                      kinds_trained=state["kinds_trained"])
+        atomic_write_json(out / "eval.json", result)
+        if state["runs"]:       # the run's device time includes its eval
+            state["runs"][-1]["wall_s"] = round(time.time() - t0, 1)
+            result["device_seconds"] = round(sum(r.get("wall_s", 0) for r in state["runs"]), 1)
+            atomic_write_json(out / "ckpt" / STATE, state)
+            atomic_write_json(out / "eval.json", result)
+        print(table(result), flush=True)
+        log(f"eval: seen {result['seen']['relaxed']} (swapped {result['seen_swapped']['relaxed']}, "
+            f"prior {result['seen_prior']['relaxed']}), held-out {result['held_out']['relaxed']} "
+            f"in {result['eval_seconds']}s -> {out / 'eval.json'}", t0)
+    log(f"done in {time.time() - t0:.1f}s", t0)
+    return {"state": state, "eval": result}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a PRESETS key (default: the checkpoint's, else demo)")
+    ap.add_argument("--out", required=True, help="output folder: ckpt/, metrics.jsonl, eval.json")
+    ap.add_argument("--resume", help="a checkpoint folder (OUT/ckpt of an earlier run) to continue from")
+    ap.add_argument("--minutes", type=float, default=8.0, help="training time of this run")
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="wall-clock budget of the whole run from start, the eval and the save included")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="chart-drawing processes")
+    ap.add_argument("--steps", type=int, default=10**9, help="at most this many steps in this run")
+    ap.add_argument("--total-steps", type=int, default=0, help="change the schedule's length (default: preset's)")
+    ap.add_argument("--eval-only", action="store_true", help="no training: score --resume's checkpoint")
+    ap.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
+    ap.add_argument("--hf-dir", help="also write the model + processor here in the Hugging Face layout")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    ap.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
+    # end now: a daemon thread still waiting on a chart worker must not hold the interpreter's exit
+    os._exit(0)

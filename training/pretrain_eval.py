@@ -1,0 +1,114 @@
+"""The end-of-run evaluation of training/pretrain.py: does the model read the charts it was trained on,
+the kind it never saw, and does it LOOK?
+
+Four numbers per family, on fresh test charts (another seed than training, the demo look):
+- seen: the pretraining kinds; held_out: the kind pretraining never drew (what the demo fine-tune fixes);
+- *_swapped: the same questions with each image replaced by the next test chart's. A model that reads
+  the chart loses accuracy here; one that learned answer priors does not (the issue's target: >= 30
+  points lower than seen);
+- prior: the most common training answer of each family, answered without looking.
+Scores are eval.metrics' relaxed accuracy (ChartQA's reference rule, and the normalized one), with
+questions ending in the benchmark's short-answer instruction, as `python -m eval run` asks them.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+
+def greedy_answers(model, tokenizer, prompts: list[list[int]], pixels, pixel_fn, batch_size: int,
+                   max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers to token-id prompts (image tokens already expanded), prompt k with image pixels[k].
+    Batches are sorted by length and left-padded, as the studio's batched generation is."""
+    import torch
+    device = pixels.device
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    out = [""] * len(prompts)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    use_amp = device.type == "cuda"
+    for s in range(0, len(order), batch_size):
+        ks = order[s:s + batch_size]
+        width = max(len(prompts[k]) for k in ks)
+        ids = torch.full((len(ks), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ks), width), dtype=torch.long)
+        for r, k in enumerate(ks):
+            ids[r, width - len(prompts[k]):] = torch.tensor(prompts[k])
+            mask[r, width - len(prompts[k]):] = 1
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 pixel_values=pixel_fn(pixels[torch.tensor(ks, device=device)]),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+        for r, k in enumerate(ks):
+            row = gen[r, width:].tolist()
+            if eos in row:
+                row = row[:row.index(eos)]
+            out[k] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return out
+
+
+def _score(preds: list[str], items: list[dict]) -> dict:
+    from eval.metrics import relaxed_normalized, relaxed_reference
+    by_family, by_kind = defaultdict(list), defaultdict(list)
+    ref_all, norm_all = [], []
+    for p, it in zip(preds, items):
+        ref = relaxed_reference(p, [it["answer"]])
+        norm = relaxed_normalized(p, [it["answer"]])[0]
+        ref_all.append(ref)
+        norm_all.append(norm)
+        by_family[it["family"]].append(ref)
+        by_kind[it["kind"]].append(ref)
+    pct = lambda v: round(100 * sum(v) / max(1, len(v)), 1)  # noqa: E731
+    return {"n": len(items), "relaxed": pct(ref_all), "relaxed_norm": pct(norm_all),
+            "by_family": {f: {"relaxed": pct(v), "n": len(v)} for f, v in sorted(by_family.items())},
+            "by_kind": {k: {"relaxed": pct(v), "n": len(v)} for k, v in sorted(by_kind.items())}}
+
+
+def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pixel_fn, prior: dict[str, str],
+             device, batch_size: int = 128, examples: int = 12) -> dict:
+    """charts: {"seen": [test_chart dicts], "held_out": [...]} -> the eval JSON (see the module docstring)."""
+    import numpy as np
+    import torch
+    model.eval()
+    result, t0 = {}, time.time()
+    for split, rows in charts.items():
+        if not rows:
+            continue
+        pixels = torch.from_numpy(np.stack([r["pixels"] for r in rows])).to(device)
+        items, image_of = [], []
+        for c, r in enumerate(rows):
+            for qa in r["qas"]:
+                items.append(qa)
+                image_of.append(c)
+        prompts = [encode_prompt(it["question"]) for it in items]
+        swapped = [(c + 1) % len(rows) for c in image_of]      # the next chart: same look, other data
+        for name, images in ((split, image_of), (f"{split}_swapped", swapped)):
+            preds = greedy_answers(model, tokenizer, prompts, pixels[torch.tensor(images, device=device)],
+                                   pixel_fn, batch_size)
+            result[name] = _score(preds, items)
+            if name == split:
+                result[name]["examples"] = [{"kind": it["kind"], "family": it["family"], "question": it["question"],
+                                             "gold": it["answer"], "pred": p}
+                                            for it, p in list(zip(items, preds))[:examples]]
+        result[f"{split}_prior"] = _score([prior.get(it["family"], "") for it in items], items)
+    for split in charts:
+        if split in result:
+            result[split]["looks_drop"] = round(result[split]["relaxed"] - result[f"{split}_swapped"]["relaxed"], 1)
+    result["eval_seconds"] = round(time.time() - t0, 1)
+    model.train()
+    return result
+
+
+def table(result: dict) -> str:
+    """Relaxed accuracy per family: seen / swapped / prior / held-out / held-out swapped, as text."""
+    cols = [c for c in ("seen", "seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior")
+            if c in result]
+    families = sorted({f for c in cols for f in result[c]["by_family"]})
+    lines = ["family".ljust(12) + "".join(c.rjust(18) for c in cols)]
+    for f in families:
+        cells = []
+        for c in cols:
+            v = result[c]["by_family"].get(f)
+            cells.append((f"{v['relaxed']:.1f} ({v['n']})" if v else "-").rjust(18))
+        lines.append(f.ljust(12) + "".join(cells))
+    lines.append("ALL".ljust(12) + "".join(f"{result[c]['relaxed']:.1f} ({result[c]['n']})".rjust(18) for c in cols))
+    return "\n".join(lines)
