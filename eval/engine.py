@@ -182,8 +182,8 @@ class Generator:
         return self.caches[b]
 
     # ---- the whole batch ----
-    @torch.inference_mode()
-    def run(self, batch: Batch) -> list[list[int]]:
+    def _prefill(self, batch: Batch):
+        """Fill the cache for every row; returns (state for decoding, logits of each row's next token)."""
         rows = batch.rows
         n, prompt = len(rows), max(len(r.ids) for r in rows)
         longest = max(r.max_new for r in rows)
@@ -201,7 +201,6 @@ class Generator:
         ids, real = ids.to(self.device), real.to(self.device)
         positions = (real[:, :prompt].long().cumsum(1) - 1).clamp(min=0)
         self.rows_table.set([r.slot for r in padded])
-        filler = Batch(padded, batch.pixel_values)
         cache = self._cache(b, length, reuse=bucket is not None)
         # A key is visible when it is real and not in the future; a padding query sees itself only.
         keys = torch.arange(length, device=self.device)
@@ -211,16 +210,31 @@ class Generator:
         minimum = torch.finfo(self.dtype).min
         mask = torch.zeros(b, 1, prompt, length, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed[:, None], minimum)
-        logits = self._lm(cache, positions, mask, inputs_embeds=self._embeddings(ids, self._image_features(filler)))
+        features = self._image_features(Batch(padded, batch.pixel_values))
+        logits = self._lm(cache, positions, mask, inputs_embeds=self._embeddings(ids, features))
         del mask, allowed
         step_mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)
         step_mask.masked_fill_(~(real & (keys < prompt))[:, None, None, :], minimum)
-        step_positions = positions[:, -1:] + 1
-        graph = self._graph(cache, b) if bucket else None
+        state = {"b": b, "n": n, "prompt": prompt, "longest": longest, "cache": cache, "mask": step_mask,
+                 "positions": positions[:, -1:] + 1, "graph": self._graph(cache, b) if bucket else None}
+        return state, logits
+
+    @torch.inference_mode()
+    def first_logits(self, batch: Batch) -> torch.Tensor:
+        """Scores of each row's first answer token (float32, CPU): a tie-proof check that two ways of
+        running a model compute the same thing, where greedy text can flip on near-equal bf16 logits."""
+        return self._prefill(batch)[1][: len(batch.rows)].float().cpu()
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[list[int]]:
+        rows = batch.rows
+        state, logits = self._prefill(batch)
+        b, n, prompt, cache, step_mask = state["b"], state["n"], state["prompt"], state["cache"], state["mask"]
+        positions, graph = state["positions"], state["graph"]
         out: list[list[int]] = [[] for _ in rows]
         live = [True] * n
         greedy = all(r.temperature <= 0 for r in rows)
-        for step in range(longest):
+        for step in range(state["longest"]):
             token = self._pick(logits, rows, out, greedy)
             chosen = token.tolist()
             for i, r in enumerate(rows):
@@ -243,10 +257,10 @@ class Generator:
             step_mask[:, :, :, prompt + step] = 0
             tokens = torch.cat([token, token[:1].expand(b - n)]) if b > n else token
             if graph is not None:
-                logits = graph(tokens[:, None], step_positions, step_mask)
+                logits = graph(tokens[:, None], positions, step_mask)
             else:
-                logits = self.decode(cache, tokens[:, None], step_positions, step_mask)
-            step_positions = step_positions + 1
+                logits = self.decode(cache, tokens[:, None], positions, step_mask)
+            positions = positions + 1
         return out
 
     def _pick(self, logits, rows, out, greedy: bool):

@@ -377,6 +377,11 @@ class Engine:
             raise job.error
         return [self.decode(ids).strip() for ids in job.result]
 
+    def first_logits(self, requests: list[Request], slots: list[int]):
+        """First-answer-token scores per request (float32, CPU), from the same prefill generation uses."""
+        with self.adapters_lock:
+            return self.generator.first_logits(self.prepare([(r, s, {}) for r, s in zip(requests, slots)]))
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 

@@ -1,8 +1,9 @@
-"""On a CUDA GPU: 4-bit loading with adapters from one base copy, and QLoRA training steps. Skipped on CPU."""
+"""On a CUDA GPU: the engine's captured decode equals eager decode, its scores match plain transformers (+ PEFT),
+4-bit loading with adapters from one base copy, and QLoRA training steps. Skipped on CPU."""
 import pytest
 from PIL import Image
 
-from eval.local import LocalBackend, release_engines
+from eval.pool import ModelPool
 from eval.protocol import Request
 from test_local_backend import make_adapter
 from test_train import make_dataset, quick
@@ -10,28 +11,70 @@ from test_train import make_dataset, quick
 pytestmark = pytest.mark.gpu
 
 
-def test_4bit_base_and_adapter_from_one_copy_score_like_separate_runs(demo_model, tmp_path):
-    import bitsandbytes as bnb
+def plain_logits(demo_model, adapter, request, quantize):
     import torch
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+    from eval.images import pad_to_square
+    from eval.local import skip_modules
+    kwargs = {"dtype": torch.bfloat16, "device_map": {"": "cuda"}}
+    if quantize == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip_modules(AutoConfig.from_pretrained(demo_model)))
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, **kwargs).eval()
+    if adapter:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    processor = AutoProcessor.from_pretrained(demo_model)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                            {"type": "text", "text": request.question}]}], add_generation_prompt=True)
+    x = processor(text=[prompt], images=[pad_to_square(request.image)], return_tensors="pt").to("cuda")
+    x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+    with torch.inference_mode():
+        return model(**x).logits[0, -1].float().cpu()
+
+
+@pytest.mark.parametrize("quantize", ["none", "4bit"])
+def test_engine_scores_match_plain_transformers_and_peft(demo_model, tmp_path, quantize):
+    import torch
     adapter = make_adapter(demo_model, tmp_path / "adapter")
     request = Request(Image.effect_noise((80, 60), 40).convert("RGB"), "which category is largest", max_new_tokens=8)
-    release_engines()
-    base_alone = LocalBackend(str(demo_model), quantize="4bit").engine.next_token_logits(request, None)
-    release_engines()
-    alone = LocalBackend(str(demo_model), adapter, quantize="4bit")
-    tuned_alone = alone.engine.next_token_logits(request, alone.adapter_name)
-    release_engines()
-    base, tuned = LocalBackend(str(demo_model), quantize="4bit"), LocalBackend(str(demo_model), adapter, quantize="4bit")
-    assert base.engine is tuned.engine
-    model = base.engine.model
-    assert any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "language_model" in n)
-    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules()
-                   if "vision_tower" in n or "multi_modal_projector" in n or n.endswith("lm_head"))
-    assert torch.allclose(base.engine.next_token_logits(request, None), base_alone, atol=1e-3)
-    assert torch.allclose(tuned.engine.next_token_logits(request, tuned.adapter_name), tuned_alone, atol=1e-3)
-    assert not torch.allclose(base_alone, tuned_alone, atol=1e-2)
-    assert all(isinstance(text, str) for text in base.generate([request, request]) + tuned.generate([request]))
+    pool = ModelPool()
+    base = pool.backend(f"local:{demo_model}", quantize=quantize)
+    tuned = pool.backend(f"local:{demo_model}+{adapter}", quantize=quantize)
+    assert base.engine is tuned.engine and base.engine.device.startswith("cuda")
+    if quantize == "4bit":
+        import bitsandbytes as bnb
+        model = base.engine.model
+        assert any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules() if "language_model" in n)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in model.named_modules()
+                       if "vision_tower" in n or "multi_modal_projector" in n or n.endswith("lm_head"))
+    mine = base.engine.first_logits([request, request], [0, tuned.slot])
+    for k, ref in enumerate((plain_logits(demo_model, None, request, quantize),
+                             plain_logits(demo_model, adapter, request, quantize))):
+        assert torch.allclose(mine[k], ref, atol=0.05), (k, float((mine[k] - ref).abs().max()))
+    assert not torch.allclose(mine[0], mine[1], atol=1e-2)
+
+
+def test_captured_decode_equals_eager_decode(demo_model, tmp_path):
+    adapter = make_adapter(demo_model, tmp_path / "adapter")
+    pool = ModelPool()
+    base = pool.backend(f"local:{demo_model}", quantize="none")
+    tuned = pool.backend(f"local:{demo_model}+{adapter}", quantize="none")
+    generator = base.engine.generator
+    assert generator.use_graphs and generator.graph_error is None
+    requests = [Request(Image.effect_noise((64, 64), 30 + 10 * i).convert("RGB"), q, max_new_tokens=24)
+                for i, q in enumerate(["what is the highest value", "which category", "how many bars"])]
+    graphed = [base.generate([r])[0] for r in requests] + [tuned.generate([r])[0] for r in requests]
+    both = [t for r in requests for t in (base.generate([r])[0],)]
+    assert generator.graphs, "batch-1 decode should have run as a captured graph"
+    generator.use_graphs = False
+    eager = [base.generate([r])[0] for r in requests] + [tuned.generate([r])[0] for r in requests]
+    assert graphed == eager and both == eager[:3]
+    generator.use_graphs = True
+    streamed = ["".join(s) for s in [base.stream(requests[0]), tuned.stream(requests[0])]]
+    assert streamed == [eager[0], eager[3]]
 
 
 def test_qlora_steps_train_and_save_adapter_with_projector(demo_model, tmp_path):
