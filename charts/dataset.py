@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import append_jsonl, atomic_write_bytes, atomic_write_json, write_jsonl
+from .io import append_jsonl, atomic_write_bytes, atomic_write_json, inside, write_jsonl
 from .questions import FAMILIES, make_questions
 from .spec import KINDS, sample_spec
 
@@ -372,13 +372,22 @@ def parse_records_file(path: Path) -> list[tuple[int, dict]]:
 
 
 def resolve_image(base: Path, image: str) -> Path:
-    p = Path(image)
-    if p.is_absolute():
-        return p
-    for candidate in (base / p, base / "images" / p):
-        if candidate.exists():
-            return candidate.resolve()
-    return (base / p).resolve()
+    """The file a record's `image` names, looked up in `base` (the folder of the data file) and then in
+    `base/images`. An absolute path, or one with `..` or a symlink that leads out of `base`, raises
+    ValueError: a dataset (an upload, say) must never make us read or show any other file."""
+    if not str(image).strip():
+        raise ValueError("the record names no image")
+    if Path(image).is_absolute():
+        raise ValueError(f"image {image!r} refused: an absolute path (images are named relative to the dataset "
+                         "folder)")
+    try:
+        first = inside(base, image)
+        for candidate in (first, inside(base, Path("images") / image)):
+            if candidate.exists():
+                return candidate
+    except ValueError as e:
+        raise ValueError(f"image {image!r} refused: it leads out of the dataset folder ({e})") from None
+    return first
 
 
 def _at(value, k: int):
@@ -387,8 +396,9 @@ def _at(value, k: int):
 
 def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
     """One dict per question: {id, image (absolute path), question (no <image> token), answers,
-    chart_type, family, answer_type, split[, tolerance]}. Ids are the record id, or
-    'recordid#turnN' (N from 1) for records with several questions."""
+    chart_type, family, answer_type, split[, tolerance][, image_error]}. Ids are the record id, or
+    'recordid#turnN' (N from 1) for records with several questions. A record whose image lies outside
+    its dataset folder gets image "" and `image_error` (the file is never opened)."""
     items = []
     for rec, rec_split, base, _line in read_records(path_or_dataset_dir):
         if split and rec_split != split:
@@ -397,9 +407,13 @@ def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
         pairs = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv) - 1, 2)
                  if conv[k].get("from") == "human" and conv[k + 1].get("from") == "gpt"]
         for k, (q, a) in enumerate(pairs):
+            try:
+                image, image_error = str(resolve_image(base, str(rec.get("image") or ""))), None
+            except ValueError as e:     # kept as a question, so a benchmark counts it as an error row
+                image, image_error = "", str(e)
             item = {
                 "id": str(rec.get("id")) if len(pairs) == 1 else f"{rec.get('id')}#turn{k + 1}",
-                "image": str(resolve_image(base, rec.get("image", ""))),
+                "image": image,
                 "question": q.replace(IMAGE_TOKEN, "").strip(),
                 "answers": [a],
                 "chart_type": rec.get("chart_type"),
@@ -410,6 +424,8 @@ def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
             tol = _at(rec.get("tolerance"), k)
             if tol is not None:
                 item["tolerance"] = tol
+            if image_error:
+                item["image_error"] = image_error
             items.append(item)
     return items
 
@@ -417,7 +433,8 @@ def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
 def random_example(dataset_dir, rng_or_seed=None) -> dict:
     """One load_qa item, from the test split when there is one."""
     rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else random.Random(rng_or_seed)
-    items = load_qa(dataset_dir, split="test") or load_qa(dataset_dir)
+    usable = lambda items: [i for i in items if "image_error" not in i]  # noqa: E731
+    items = usable(load_qa(dataset_dir, split="test")) or usable(load_qa(dataset_dir))
     if not items:
         raise ValueError(f"no questions found in {dataset_dir}")
     return rng.choice(items)
@@ -436,6 +453,8 @@ def dataset_gallery(dataset_dir, limit: int = 60) -> list[tuple[str, list[dict]]
     """(absolute image path, its questions) for the first `limit` images, for previews."""
     by_image: dict[str, list[dict]] = {}
     for item in load_qa(dataset_dir):
+        if "image_error" in item:
+            continue
         if item["image"] in by_image or len(by_image) < limit:
             by_image.setdefault(item["image"], []).append(item)
     return list(by_image.items())

@@ -1,4 +1,4 @@
-"""Small file helpers every layer uses: atomic writes and JSON Lines."""
+"""Small file helpers every layer uses: atomic writes, JSON Lines, and the one rule for user paths."""
 from __future__ import annotations
 
 import json
@@ -68,3 +68,23 @@ def read_jsonl(path: str | os.PathLike, strict: bool = False) -> Iterator[dict]:
             if number == len(lines) and not strict:
                 return
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+
+
+def inside(root: str | os.PathLike, user_path: str | os.PathLike) -> Path:
+    """`user_path` resolved inside `root`, or ValueError with a one-line reason. A relative path is taken
+    from `root`; an absolute one must already lie under it. '..' is refused outright (even when it would
+    stay inside) and symlinks are followed before the check, so no spelling leads out. Every path typed
+    into the studio goes through here before anything is read or written."""
+    text = os.fspath(user_path).strip() if user_path is not None else ""
+    if not text:
+        raise ValueError("empty path")
+    if "\x00" in text:
+        raise ValueError("a path cannot contain a NUL byte")
+    path = Path(text)
+    if ".." in path.parts:
+        raise ValueError(f"'..' is not allowed in a path: {text}")
+    base = Path(root).resolve()
+    full = (base / path).resolve()
+    if not full.is_relative_to(base):
+        raise ValueError(f"{text} is outside {base}: give a path inside it")
+    return full

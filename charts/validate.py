@@ -33,6 +33,7 @@ MESSAGES = {
     "duplicate_id": "id used by more than one record",
     "missing_image_field": "record has no image",
     "image_missing": "image file not found",
+    "image_outside_dataset": "image path is absolute or leads out of the dataset folder (it is never read)",
     "image_unreadable": "image cannot be decoded",
     "image_too_large": "image too large (possible decompression bomb)",
     "no_conversations": "conversations missing or empty",
@@ -298,7 +299,11 @@ def validate(path) -> Report:
             if not rec.get("image"):
                 report.add("missing_image_field", *where)
                 continue
-            img = resolve_image(f.parent, str(rec["image"]))
+            try:
+                img = resolve_image(f.parent, str(rec["image"]))
+            except ValueError:
+                report.add("image_outside_dataset", *where, detail=str(rec["image"]))
+                continue
             if img not in image_status:
                 image_status[img] = _check_image(img)
                 if image_status[img]:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from charts.dataset import SHORT_ANSWER_INSTRUCTION
-from charts.io import append_jsonl, atomic_write_json, read_jsonl, write_jsonl
+from charts.io import append_jsonl, atomic_write_json, inside, read_jsonl, write_jsonl
 from eval.images import ImageError, load_image
-from eval.metrics import DEFAULT_METRICS, DESCRIPTIONS, score_sample
+from eval.metrics import DEFAULT_METRICS, DESCRIPTIONS, METRICS, score_sample
 from eval.protocol import ModelRef, Request
 
 # VLMEvalKit's ChartQA prompt; lmms-eval's is "Answer the question with a single word." Either moves
@@ -31,6 +31,11 @@ from eval.protocol import ModelRef, Request
 # charts.generate puts on a share of train/val questions (instruct_share).
 DEFAULT_SUFFIX = SHORT_ANSWER_INSTRUCTION
 DEFAULT_MAX_NEW_TOKENS = 16
+# A chart question is ~100 characters. A far longer one is a broken file, and tokenising 50 MB takes
+# minutes: it becomes an error row without reaching the model.
+MAX_QUESTION_CHARS = 10_000
+# A name typed for an eval folder: one plain folder name under workspace/evals (no separators, no '..').
+EVAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
 GROUPS = {"by_split": "split", "by_chart_type": "chart_type", "by_family": "family"}
 
 Progress = Callable[[int, int, dict], None]
@@ -82,11 +87,34 @@ def load_chartqa(path: str | Path, images: str | Path | None = None) -> list[dic
                                "imgname, query and label")
         label = row["label"]
         golds = [str(x) for x in label] if isinstance(label, list) else [str(label)]
-        questions.append({"id": f"{split}/{row['imgname']}/{n}", "image": str((images / row["imgname"]).resolve()),
-                          "question": str(row["query"]), "answers": golds, "split": split,
-                          "chart_type": row.get("chart_type", "unknown"), "family": row.get("family", "unknown"),
-                          "answer_type": row.get("answer_type", "")})
+        image, image_error = _chartqa_image(images, row["imgname"])
+        q = {"id": f"{split}/{row['imgname']}/{n}", "image": image, "question": str(row["query"]), "answers": golds,
+             "split": split, "chart_type": row.get("chart_type", "unknown"), "family": row.get("family", "unknown"),
+             "answer_type": row.get("answer_type", "")}
+        questions.append({**q, "image_error": image_error} if image_error else q)
+    _check_images_found(path, images, questions)
     return questions
+
+
+def _chartqa_image(images: Path, name) -> tuple[str, str | None]:
+    """(absolute path, None) for an image name inside the image folder, else ("", why): an absolute
+    name or one with '..' is never read."""
+    if Path(str(name)).is_absolute():
+        return "", f"image {name!r} refused: an absolute path (names are relative to the image folder {images})"
+    try:
+        return str(inside(images, str(name))), None
+    except ValueError as e:
+        return "", f"image {name!r} refused: it leads out of the image folder ({e})"
+
+
+def _check_images_found(path: Path, images: Path, questions: list[dict]) -> None:
+    """When not one image exists, the image folder is wrong: say so once, instead of one error per sample."""
+    named = [q for q in questions if q["image"]]
+    missing = [q for q in named if not Path(q["image"]).is_file()]
+    if named and len(missing) == len(named):
+        first = ", ".join(Path(q["image"]).name for q in missing[:3])
+        raise DatasetError(f"{path}: {len(missing)} of {len(named)} images not found in {images.resolve()} "
+                           f"(first: {first}); give the folder that holds them with --images")
 
 
 def _is_chartqa_file(path: Path) -> bool:
@@ -174,7 +202,7 @@ def load_done(path: Path) -> dict[str, dict]:
 def summarize(rows: list[dict], metrics=DEFAULT_METRICS) -> dict:
     """Mean scores x100 overall and per split / chart kind / family, with counts."""
     def block(sub):
-        out = {"n": len(sub)}
+        out = {"n": len(sub), "n_errors": sum(1 for r in sub if r.get("error"))}
         for m in metrics:
             out[m] = round(100 * sum(r[m] for r in sub) / len(sub), 2) if sub else None
         return out
@@ -193,11 +221,43 @@ def summarize(rows: list[dict], metrics=DEFAULT_METRICS) -> dict:
     return summary
 
 
+def _question_error(q: dict) -> str | None:
+    """Why a question cannot be asked at all (then it is an error row and never reaches the model)."""
+    if q.get("image_error"):
+        return f"image: {q['image_error']}"
+    if len(q["question"]) > MAX_QUESTION_CHARS:
+        return f"question too long: {len(q['question'])} characters (the limit is {MAX_QUESTION_CHARS}); not sent"
+    return None
+
+
+def _describe(error: BaseException) -> str:
+    """One line for a samples.jsonl row or a terminal: the type and the first line of the message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _generate_each(backend, requests: list[Request]) -> list[tuple[str, str | None]]:
+    """(answer, error) per request. A batch whose call fails is retried one request at a time, so one
+    bad sample (an endpoint's 500 for it, say) costs only its own row. Ctrl-C still ends the run."""
+    try:
+        answers = backend.generate(requests) if requests else []
+        if len(answers) != len(requests):
+            raise RuntimeError(f"backend {backend.name} returned {len(answers)} answers for {len(requests)} requests")
+        return [(a, None) for a in answers]
+    except Exception as e:
+        if len(requests) == 1:
+            return [("", f"backend: {_describe(e)}")]
+    return [_generate_each(backend, [r])[0] for r in requests]
+
+
 def _score_batch(backend, batch: list[dict], settings: dict, metrics) -> list[dict]:
-    """Generate for one batch and score it; a sample whose image cannot be read is recorded with an
-    `error`, scored wrong, and the rest of the batch goes on."""
+    """Generate for one batch and score it. A sample that cannot be asked (unreadable image, question
+    too long) or whose generation fails is recorded with an `error`, scored wrong, and the rest goes on."""
     images, errors = {}, {}
     for q in batch:
+        errors[q["id"]] = _question_error(q)
+        if errors[q["id"]]:
+            continue
         try:
             images[q["id"]] = load_image(q["image"])
         except ImageError as e:
@@ -206,19 +266,21 @@ def _score_batch(backend, batch: list[dict], settings: dict, metrics) -> list[di
     requests = [Request(images[q["id"]], q["question"] + settings["prompt_suffix"], settings["max_new_tokens"],
                         settings["temperature"], settings["top_p"]) for q in good]
     start = time.perf_counter()
-    predictions = backend.generate(requests) if requests else []
+    results = _generate_each(backend, requests)
     elapsed = time.perf_counter() - start
-    if len(predictions) != len(requests):
-        raise RuntimeError(f"backend {backend.name} returned {len(predictions)} answers for {len(requests)} requests")
-    answers = dict(zip((q["id"] for q in good), predictions))
+    answers = {}
+    for q, (answer, error) in zip(good, results):
+        answers[q["id"]] = answer
+        errors[q["id"]] = error
     rows = []
     for q in batch:
         prediction = answers.get(q["id"], "")
+        question = q["question"] if len(q["question"]) <= MAX_QUESTION_CHARS else q["question"][:200] + " [...]"
         row = {"id": q["id"], "split": q.get("split"), "chart_type": q.get("chart_type"), "family": q.get("family"),
-               "answer_type": q.get("answer_type"), "image": q["image"], "question": q["question"],
+               "answer_type": q.get("answer_type"), "image": q["image"], "question": question,
                "golds": q["answers"], "prediction": prediction}
         row.update(score_sample(prediction, q["answers"], metrics))
-        if q["id"] in errors:
+        if errors[q["id"]]:
             row.update({m: 0.0 for m in metrics}, error=errors[q["id"]])
         # the sample's share of its batch's generate time: comparable across batch sizes
         row["latency_s"] = round(elapsed / max(1, len(requests)), 5) if q["id"] in answers else 0.0
@@ -240,12 +302,7 @@ def run_model(questions: list[dict], backend, run_dir: str | Path, meta: dict, *
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta_path, samples_path = run_dir / "run.json", run_dir / "samples.jsonl"
-    if meta_path.exists():
-        old = _resume_key(json.loads(meta_path.read_text()))
-        changed = [k for k, v in _resume_key(meta).items() if old.get(k) != v]
-        if changed:
-            raise RunMismatch(f"{run_dir} holds a run with other {', '.join(changed)}; "
-                              "use another --out or delete that folder")
+    _check_resumable(run_dir, meta)
     atomic_write_json(meta_path, meta)
     done = load_done(samples_path)
     wanted = {q["id"] for q in questions}
@@ -296,43 +353,136 @@ def _open_backend(ref: str, **options):
     return open_backend(ref, **options)
 
 
+# ---------------------------------------------------------------- checks made before any model loads
+def check_settings(models: list, *, limit=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, batch_size=None,
+                   concurrency=None, metrics=DEFAULT_METRICS) -> list[ModelRef]:
+    """The parsed model refs, or ValueError with one line naming the bad setting. Run first, so a typo
+    costs nothing (a negative limit once sliced the question list from the end)."""
+    if not models:
+        raise ValueError("give at least one model")
+    refs = [ModelRef.parse(m) if isinstance(m, str) else m for m in models]
+    for name, value, optional in (("limit", limit, True), ("max_new_tokens", max_new_tokens, False),
+                                  ("batch_size", batch_size, True), ("concurrency", concurrency, True)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}"
+                             + (" (leave it out for all questions)" if name == "limit" else ""))
+    unknown = [m for m in metrics if m not in METRICS]
+    if not metrics or unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"choose from {', '.join(METRICS)}")
+    return refs
+
+
+def recorded_models(out: Path, models: list[str]) -> list[str]:
+    """The model list OUT/eval.json keeps after this run. A folder holds one set of models with one
+    baseline (the first): a run may repeat the recorded list, resume its first models, or add models
+    after them. Any other list would mix two benchmarks in one folder and change the baseline of reports."""
+    path = out / "eval.json"
+    if not path.exists():
+        return list(models)
+    old = [m["ref"] for m in json.loads(path.read_text(encoding="utf-8")).get("models", [])]
+    shorter, longer = sorted((old, list(models)), key=len)
+    if longer[:len(shorter)] != shorter:
+        raise RunMismatch(f"{out} holds a benchmark of {', '.join(old)}; this run gives {', '.join(models)}. "
+                          "Give the same models in the same order (new ones may follow them), or another --out")
+    return longer
+
+
+def _slugs(models: list[str]) -> list[str]:
+    slugs: list[str] = []
+    for ref in models:
+        slug = model_slug(ref)
+        slugs.append(slug if slug not in slugs else f"{slug}-{len(slugs) + 1}")
+    return slugs
+
+
+def _check_resumable(run_dir: Path, meta: dict) -> None:
+    """RunMismatch if run_dir holds a run made with settings this one must share (see _resume_key)."""
+    meta_path = run_dir / "run.json"
+    if meta_path.exists():
+        old = _resume_key(json.loads(meta_path.read_text()))
+        changed = [k for k, v in _resume_key(meta).items() if old.get(k) != v]
+        if changed:
+            raise RunMismatch(f"{run_dir} holds a run with other {', '.join(changed)}; "
+                              "use another --out or delete that folder")
+
+
+def _model_failed(run_dir: Path, ref: ModelRef, slug: str, index: int, n: int, metrics, error: Exception) -> dict:
+    """Record a model that could not be opened (OUT/<slug>/failed.json) and return its summary stand-in:
+    every question counts as an error, no score. The other models still run."""
+    message = _describe(error)
+    atomic_write_json(run_dir / "failed.json", {"model": str(ref), "slug": slug, "error": message,
+                                                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return {"model": str(ref), "slug": slug, "model_index": index, "failed": f"could not be opened: {message}",
+            "n": n, "n_errors": n, "overall": {m: None for m in metrics}, "timing": {"samples_per_s": None}}
+
+
+def new_eval_dir(evals_root: str | Path, stem: str) -> Path:
+    """A new, empty folder evals_root/stem (or stem-2, stem-3, ...). mkdir either creates or fails, so two
+    benchmarks started in the same second never share a folder."""
+    root = Path(evals_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{root}: no free folder name for {stem}")
+
+
+def named_eval_dir(evals_root: str | Path, name: str) -> Path:
+    """evals_root/NAME for a name a user typed: one plain folder name, never a path that leads elsewhere."""
+    name = (name or "").strip()
+    if not EVAL_NAME.fullmatch(name):
+        raise ValueError(f"eval name {name!r}: use letters, digits, '-', '_', '+' and '.' (a folder name, "
+                         "not a path)")
+    return inside(evals_root, name)
+
+
 def run_eval(data: str | Path, models: list[str], out: str | Path, *, split: str | None = None,
              images: str | Path | None = None, limit: int | None = None, prompt_suffix: str = DEFAULT_SUFFIX,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int | None = None,
              concurrency: int | None = None, metrics=DEFAULT_METRICS, on_progress: Progress | None = None,
              open_backend: Callable = _open_backend, backend_options: dict | None = None) -> list[dict]:
-    """Evaluate every model on the same questions; returns one summary per model, in order.
+    """Evaluate every model on the same questions; returns one summary per model, in order. A model
+    that cannot be opened gets a stand-in with `failed` (and `n_errors` = n) and the others still run.
 
     Local models run in batches of `batch_size` (default: the backend's `max_batch`) one after the
     other; other backends (endpoints) get `concurrency` requests in flight (default 4)."""
-    if not models:
-        raise ValueError("give at least one model")
+    refs = check_settings(models, limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          concurrency=concurrency, metrics=metrics)
+    models = [str(r) for r in refs]
     questions = load_questions(data, split=split, images=images)
     source_hash = question_set_hash(questions)
     questions = questions[:limit] if limit else questions
     out = Path(out)
-    slugs: list[str] = []
-    for ref in models:
-        slug = model_slug(ref)
-        slugs.append(slug if slug not in slugs else f"{slug}-{len(slugs) + 1}")
+    recorded = recorded_models(out, models)
+    all_slugs = _slugs(recorded)
+    slugs = all_slugs[:len(models)]
+    metas = [_run_meta(ref, slug, index, data, split, limit, questions, source_hash, prompt_suffix, max_new_tokens,
+                       metrics) for index, (ref, slug) in enumerate(zip(refs, slugs))]
+    for slug, meta in zip(slugs, metas):
+        _check_resumable(out / slug, meta)
     atomic_write_json(out / "eval.json", {"data": str(Path(data).resolve()), "split": split, "limit": limit,
-                                          "models": [{"ref": str(m), "slug": s} for m, s in zip(models, slugs)]})
+                                          "models": [{"ref": m, "slug": s} for m, s in zip(recorded, all_slugs)]})
     total, done_all, started = len(questions) * len(models), 0, time.perf_counter()
     summaries = []
-    for index, (ref, slug) in enumerate(zip(models, slugs)):
-        parsed = ModelRef.parse(ref) if isinstance(ref, str) else ref
-        backend = open_backend(str(parsed), **(backend_options or {}))
+    for index, (parsed, slug, meta) in enumerate(zip(refs, slugs, metas)):
+        try:
+            backend = open_backend(str(parsed), **(backend_options or {}))
+        except Exception as e:       # a hub id out of reach, corrupt weights, a bad endpoint name ...
+            done_all += len(questions)
+            summaries.append(_model_failed(out / slug, parsed, slug, index, len(questions), metrics, e))
+            continue
+        (out / slug / "failed.json").unlink(missing_ok=True)
         local = parsed.kind == "local"
         batch = batch_size or (backend.max_batch if local else 1)
         workers = 1 if local else (concurrency or 4)
-        meta = {"model": str(parsed), "slug": slug, "model_index": index,
-                "dataset": {"path": str(Path(data).resolve()), "split": split, "limit": limit,
-                            "n_questions": len(questions), "questions_sha256": question_set_hash(questions),
-                            "source_sha256": source_hash},
-                "prompt": {"template": "{question}" + prompt_suffix, "prompt_suffix": prompt_suffix},
-                "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0},
-                "execution": {"batch_size": batch, "concurrency": workers},
-                "metrics": list(metrics)}
+        meta["execution"] = {"batch_size": batch, "concurrency": workers}
         model_done = 0
 
         def progress(count, info, _slug=slug, _index=index):
@@ -351,6 +501,18 @@ def run_eval(data: str | Path, models: list[str], out: str | Path, *, split: str
         summaries.append(run_model(questions, backend, out / slug, meta, batch_size=batch, concurrency=workers,
                                    metrics=metrics, on_progress=progress))
     return summaries
+
+
+def _run_meta(ref: ModelRef, slug: str, index: int, data, split, limit, questions: list[dict], source_hash: str,
+              prompt_suffix: str, max_new_tokens: int, metrics) -> dict:
+    """What run.json records for one model (execution settings are added once the backend is open)."""
+    return {"model": str(ref), "slug": slug, "model_index": index,
+            "dataset": {"path": str(Path(data).resolve()), "split": split, "limit": limit,
+                        "n_questions": len(questions), "questions_sha256": question_set_hash(questions),
+                        "source_sha256": source_hash},
+            "prompt": {"template": "{question}" + prompt_suffix, "prompt_suffix": prompt_suffix},
+            "generation": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "top_p": 1.0},
+            "metrics": list(metrics)}
 
 
 def read_runs(eval_dir: str | Path) -> list[tuple[Path, dict]]:
