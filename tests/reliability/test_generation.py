@@ -173,7 +173,7 @@ def test_killed_generation_leaves_no_process_behind(tmp_path, sig):
 
 
 def test_killed_generation_resumes_to_the_same_dataset_as_an_uninterrupted_run(tmp_path):
-    n = 80
+    n = 48
     subprocess.run(_generate_cmd(tmp_path / "whole", n), cwd=ROOT, env=ENV, check=True, capture_output=True)
     _start_and_kill(tmp_path / "resumed", n)
     assert not (tmp_path / "resumed" / "train.jsonl").exists()
