@@ -361,6 +361,12 @@ def check_settings(models: list, *, limit=None, max_new_tokens=DEFAULT_MAX_NEW_T
     if not models:
         raise ValueError("give at least one model")
     refs = [ModelRef.parse(m) if isinstance(m, str) else m for m in models]
+    from eval.backends import BACKENDS     # light: each backend imports torch / boto3 only when opened
+    for ref in refs:
+        if ref.kind not in BACKENDS:
+            raise ValueError(f"model {str(ref)!r}: unknown kind {ref.kind!r}; expected one of {', '.join(BACKENDS)}")
+        if ref.kind == "openai" and not ref.target.partition("#")[2]:
+            raise ValueError(f"model {str(ref)!r}: an OpenAI-compatible server is written openai:URL#MODEL")
     for name, value, optional in (("limit", limit, True), ("max_new_tokens", max_new_tokens, False),
                                   ("batch_size", batch_size, True), ("concurrency", concurrency, True)):
         if value is None and optional:

@@ -188,10 +188,12 @@ def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, capsys, flag, 
     assert code == 2 and err.count("\n") == 1 and word in err and not (tmp_path / "o").exists()
 
 
-def test_a_malformed_model_ref_is_refused_before_any_model_loads(tmp_path):
+@pytest.mark.parametrize("ref,message", [("nonsense", "KIND:TARGET"), ("hub:llava", "unknown kind"),
+                                         ("openai:http://127.0.0.1:1/v1", "URL#MODEL")])
+def test_a_malformed_model_ref_is_refused_before_any_model_loads(tmp_path, ref, message):
     data = make_chartqa(tmp_path / "d", n=2)
-    with pytest.raises(ValueError, match="KIND:TARGET"):
-        run_eval(data, ["local:m", "nonsense"], tmp_path / "o", open_backend=never_open)
+    with pytest.raises(ValueError, match=message):
+        run_eval(data, ["local:m", ref], tmp_path / "o", open_backend=never_open)
 
 
 # ---------------------------------------------------------------- output folders
