@@ -25,7 +25,8 @@ from studio.context import Studio
 SPLITS = ["test", "val", "train", "human", "augmented", "all"]
 OUTCOMES = {"regressed": "regressed", "fixed": "fixed", "both wrong": "both_wrong", "both right": "both_right",
             "all": None}
-BOARD_COLUMNS = ["eval", "model", "dataset", "split", "n", "n_errors", "relaxed_ref", "relaxed_norm", "exact", "anls", "date"]
+BOARD_COLUMNS = ["eval", "model", "dataset", "split", "n", "n_errors", "relaxed_ref", "relaxed_norm", "exact", "anls",
+                 "date"]
 
 
 # ---------------------------------------------------------------- what the workspace offers
@@ -104,6 +105,8 @@ def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, pr
                              limit=int(limit) or None, prompt_suffix=suffix, max_new_tokens=int(max_new_tokens),
                              on_progress=report)
     except (DatasetError, RunMismatch, ValueError, FileNotFoundError) as e:
+        if out.is_dir() and not any(out.iterdir()):   # refused before it wrote anything: leave no empty folder
+            out.rmdir()
         raise gr.Error(str(e))
     lines = [f"- `{s['slug']}`: **{s['failed']}**" if s.get("failed") else
              f"- `{s['slug']}`: relaxed {s['overall']['relaxed_ref']:.1f} (normalized "

@@ -176,12 +176,12 @@ def test_an_oversized_question_is_an_error_row_and_never_reaches_the_model(tmp_p
 # ---------------------------------------------------------------- arguments checked before any load
 @pytest.mark.parametrize("flag,value,word", [("--limit", "-100", "limit"), ("--limit", "0", "limit"),
                                              ("--max-new-tokens", "0", "max_new_tokens"),
-                                             ("--batch-size", "0", "batch_size"), ("--concurrency", "-1", "concurrency")])
+                                             ("--batch-size", "0", "batch_size"),
+                                             ("--concurrency", "-1", "concurrency")])
 def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, capsys, flag, value, word):
     data = make_chartqa(tmp_path / "d", n=2)
     with pytest.raises(ValueError, match=word):
-        run_eval(data, ["local:m"], tmp_path / "o", open_backend=never_open,
-                 **{word: int(value)})
+        run_eval(data, ["local:m"], tmp_path / "o", open_backend=never_open, **{word: int(value)})
     code = eval_main(["run", "--data", str(data), "--model", "local:/no/such/model", "--out", str(tmp_path / "o"),
                       flag, value])
     err = capsys.readouterr().err
