@@ -186,13 +186,15 @@ def model_slug(ref: str | ModelRef) -> str:
 
 def load_done(path: Path) -> dict[str, dict]:
     """Samples already written, by id. A torn last line (killed writer) is dropped from the file,
-    so the next append starts on a fresh line; a repeated id keeps its first row."""
+    so the next append starts on a fresh line. A repeated id keeps its first scored row; a row with an
+    `error` gives way to a later attempt (errored samples are asked again when a run resumes)."""
     if not path.exists():
         return {}
     rows = list(read_jsonl(path))
     done: dict[str, dict] = {}
     for row in rows:
-        done.setdefault(row["id"], row)
+        if row["id"] not in done or done[row["id"]].get("error"):
+            done[row["id"]] = row
     raw = path.read_bytes()
     if (raw and not raw.endswith(b"\n")) or len(done) != len(rows):
         write_jsonl(path, done.values())
@@ -306,7 +308,8 @@ def run_model(questions: list[dict], backend, run_dir: str | Path, meta: dict, *
     atomic_write_json(meta_path, meta)
     done = load_done(samples_path)
     wanted = {q["id"] for q in questions}
-    todo = [q for q in questions if q["id"] not in done]
+    # failed samples are tried again: an endpoint that was down, or an image since put in place
+    todo = [q for q in questions if q["id"] not in done or done[q["id"]].get("error")]
     settings = {**meta["prompt"], **meta["generation"]}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     start, new, started = time.perf_counter(), 0, datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -323,7 +326,8 @@ def run_model(questions: list[dict], backend, run_dir: str | Path, meta: dict, *
                 on_progress(len(rows), {"new": new, "elapsed_s": time.perf_counter() - start})
 
     if on_progress:
-        on_progress(sum(1 for i in done if i in wanted), {"new": 0, "elapsed_s": 0.0, "resumed": True})
+        on_progress(sum(1 for i, r in done.items() if i in wanted and not r.get("error")),
+                    {"new": 0, "elapsed_s": 0.0, "resumed": True})
     if concurrency <= 1:
         for batch in batches:
             finish(_score_batch(backend, batch, settings, metrics))

@@ -110,6 +110,18 @@ def test_a_backend_exception_fails_only_its_samples_and_the_run_goes_on(tmp_path
     assert s["n"] == 8 and s["n_errors"] == 1 and s["overall"]["relaxed_ref"] == pytest.approx(700 / 8)
 
 
+def test_a_rerun_asks_failed_samples_again_and_keeps_the_scored_ones(tmp_path):
+    data = make_chartqa(tmp_path / "d", n=6)
+    [s] = run_eval(data, ["local:m"], tmp_path / "o", open_backend=opener(Fake(fail={1, 4})))
+    assert s["n_errors"] == 2
+    again = Fake(fail={4})                         # the endpoint is back for one of them
+    [s] = run_eval(data, ["local:m"], tmp_path / "o", open_backend=opener(again))
+    assert [q for call in again.calls for q in call] == [f"What is value {i}?" + s["prompt"]["prompt_suffix"]
+                                                          for i in (1, 4, 1, 4)]   # batch, then one by one
+    rows = samples(tmp_path / "o" / "m")
+    assert s["n_errors"] == 1 and rows[1]["prediction"] == "1" and "value 4" in rows[4]["error"] and len(rows) == 6
+
+
 class _Endpoint(BaseHTTPRequestHandler):
     """An OpenAI-compatible server answering 500 for the question about value 3."""
 
