@@ -4,9 +4,14 @@
         --model local:workspace/models/demo-llava+workspace/runs/r1/adapter --out workspace/evals/demo
 
 Layout: OUT/eval.json (the models in the order given; the first is the baseline of reports), and per
-model OUT/<slug>/{run.json, samples.jsonl, summary.json}. Samples are appended one line each as they
-finish, so a killed run resumes where it stopped; when a model completes, samples.jsonl is rewritten
-in dataset order, so two runs of the same settings give identical files (up to `latency_s`).
+model OUT/<slug>/{run.json, samples.jsonl, summary.json}, or OUT/<slug>/failed.json for a model that
+could not be opened. Samples are appended one line each as they finish, so a killed run resumes where
+it stopped; when a model completes, samples.jsonl is rewritten in dataset order, so two runs of the
+same settings give identical files (up to `latency_s`).
+
+A sample that fails (unreadable image, backend error, question over MAX_QUESTION_CHARS) is a row with
+`error`, scored wrong and counted in `n_errors`; a rerun asks it again. A later run into the same OUT
+must give the recorded models in the same order, and may add models after them (see recorded_models).
 """
 from __future__ import annotations
 
