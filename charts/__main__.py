@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     if args.command == "generate":
         from .dataset import generate, progress_bar
+        # a stopped job gets SIGTERM: end like Ctrl-C, so the worker pool is shut down on the way out
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         split = [float(x) for x in args.split.split(",")]
         t0 = time.time()
         manifest = generate(args.n, args.kinds, args.seed, args.out, args.workers, progress_bar(),

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl, write_jsonl
+from .io import append_jsonl, atomic_write_bytes, atomic_write_json, inside, write_jsonl
 from .questions import FAMILIES, make_questions
 from .spec import KINDS, sample_spec
 
@@ -59,6 +61,32 @@ def make_chart(index: int, settings: dict, out_dir: str | None = None) -> dict:
 
 def _make_charts(indices: list[int], settings: dict, out_dir: str) -> list[dict]:
     return [make_chart(i, settings, out_dir) for i in indices]
+
+
+def _die_with(parent_pid: int) -> None:
+    """Worker initializer: exit as soon as the generating process ends, however it ends.
+
+    Workers are children of the forkserver, not of the generating process, and each holds the pipe
+    that keeps the forkserver alive; after a SIGKILL of the parent nobody would ever end them. A pidfd
+    becomes readable when the parent exits (even as an unreaped zombie) and cannot be fooled by pid
+    reuse; where there is none, poll the pid."""
+    def watch():
+        try:
+            fd = os.pidfd_open(parent_pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):    # not Linux >= 5.3
+            while True:
+                time.sleep(0.5)
+                try:
+                    os.kill(parent_pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+        import select
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _pool_context():
@@ -143,8 +171,11 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
     that instruction to every question, so a model trained on bare questions only would be scored on a
     prompt it never saw; the mix teaches it both forms (0 disables, 1 instructs every train/val record).
     """
-    kinds = list(kinds or KINDS)
-    families = list(families or FAMILIES)
+    # None means every kind / family; an empty choice (nothing ticked) is a mistake, not "all"
+    kinds = list(KINDS if kinds is None else kinds)
+    families = list(FAMILIES if families is None else families)
+    if not kinds or not families:
+        raise ValueError(f"choose at least one {'chart kind' if not kinds else 'question family'}")
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown chart kind {k!r}; choose from {', '.join(KINDS)}")
@@ -167,7 +198,7 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
     _prepare(out, settings, overwrite)
 
     journal = out / ".progress.jsonl"
-    done = {r["index"]: r for r in read_jsonl(journal) if (out / r["image"]).exists()}
+    done = {r["index"]: r for r in _read_journal(journal) if (out / r["image"]).exists()}
     todo = [i for i in range(n) if i not in done]
     started = time.time()
     if on_progress:
@@ -186,7 +217,8 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
         for c in chunks:
             record(_make_charts(c, settings, str(out)))
     elif chunks:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_die_with,
+                                   initargs=(os.getpid(),))
         try:
             futures = [pool.submit(_make_charts, c, settings, str(out)) for c in chunks]
             for fut in as_completed(futures):
@@ -212,6 +244,32 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
     manifest = _manifest(out, settings, rows, splits, by_split, notes, time.time() - started)
     atomic_write_json(out / "dataset.json", manifest)
     return manifest
+
+
+def _read_journal(path: Path, fields: tuple = ("index", "image")) -> list[dict]:
+    """Rows of a journal (finished charts, or paraphrases). A journal is only a cache (a chart can be
+    drawn again from the seed), so a torn or garbled line is dropped rather than fatal; the file is
+    rewritten without it, so the next append starts on a fresh line instead of gluing itself to the
+    torn one (which would break every later run)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    rows, bad = [], 0
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and all(k in row for k in fields):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad or (raw and not raw.endswith(b"\n")):
+        write_jsonl(path, rows)
+    return rows
 
 
 def _prepare(out: Path, settings: dict, overwrite: bool) -> None:
@@ -240,7 +298,7 @@ def _paraphrase(out: Path, rows: list[dict], model: str | None, region, endpoint
     if not ok:
         return [message]
     journal = out / ".paraphrase.jsonl"
-    cached = {r["key"]: r for r in read_jsonl(journal)}
+    cached = {r["key"]: r for r in _read_journal(journal, ("key", "original", "question", "status"))}
     client = para.make_client(region, endpoint_url)
     todo = [(row, k, q) for row in rows for k, q in enumerate(row["qas"]) if f"{row['index']}:{k}" not in cached]
     for start in range(0, len(todo), 32):
@@ -314,13 +372,22 @@ def parse_records_file(path: Path) -> list[tuple[int, dict]]:
 
 
 def resolve_image(base: Path, image: str) -> Path:
-    p = Path(image)
-    if p.is_absolute():
-        return p
-    for candidate in (base / p, base / "images" / p):
-        if candidate.exists():
-            return candidate.resolve()
-    return (base / p).resolve()
+    """The file a record's `image` names, looked up in `base` (the folder of the data file) and then in
+    `base/images`. An absolute path, or one with `..` or a symlink that leads out of `base`, raises
+    ValueError: a dataset (an upload, say) must never make us read or show any other file."""
+    if not str(image).strip():
+        raise ValueError("the record names no image")
+    if Path(image).is_absolute():
+        raise ValueError(f"image {image!r} refused: an absolute path (images are named relative to the dataset "
+                         "folder)")
+    try:
+        first = inside(base, image)
+        for candidate in (first, inside(base, Path("images") / image)):
+            if candidate.exists():
+                return candidate
+    except ValueError as e:
+        raise ValueError(f"image {image!r} refused: it leads out of the dataset folder ({e})") from None
+    return first
 
 
 def _at(value, k: int):
@@ -329,8 +396,9 @@ def _at(value, k: int):
 
 def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
     """One dict per question: {id, image (absolute path), question (no <image> token), answers,
-    chart_type, family, answer_type, split[, tolerance]}. Ids are the record id, or
-    'recordid#turnN' (N from 1) for records with several questions."""
+    chart_type, family, answer_type, split[, tolerance][, image_error]}. Ids are the record id, or
+    'recordid#turnN' (N from 1) for records with several questions. A record whose image lies outside
+    its dataset folder gets image "" and `image_error` (the file is never opened)."""
     items = []
     for rec, rec_split, base, _line in read_records(path_or_dataset_dir):
         if split and rec_split != split:
@@ -339,9 +407,13 @@ def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
         pairs = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv) - 1, 2)
                  if conv[k].get("from") == "human" and conv[k + 1].get("from") == "gpt"]
         for k, (q, a) in enumerate(pairs):
+            try:
+                image, image_error = str(resolve_image(base, str(rec.get("image") or ""))), None
+            except ValueError as e:     # kept as a question, so a benchmark counts it as an error row
+                image, image_error = "", str(e)
             item = {
                 "id": str(rec.get("id")) if len(pairs) == 1 else f"{rec.get('id')}#turn{k + 1}",
-                "image": str(resolve_image(base, rec.get("image", ""))),
+                "image": image,
                 "question": q.replace(IMAGE_TOKEN, "").strip(),
                 "answers": [a],
                 "chart_type": rec.get("chart_type"),
@@ -352,6 +424,8 @@ def load_qa(path_or_dataset_dir, split: str | None = None) -> list[dict]:
             tol = _at(rec.get("tolerance"), k)
             if tol is not None:
                 item["tolerance"] = tol
+            if image_error:
+                item["image_error"] = image_error
             items.append(item)
     return items
 
@@ -361,7 +435,8 @@ def random_example(dataset_dir, rng_or_seed=None) -> dict:
     folder (an example is shown to the user: a record pointing elsewhere must not read that file)."""
     rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else random.Random(rng_or_seed)
     folder = Path(dataset_dir) if Path(dataset_dir).is_dir() else Path(dataset_dir).parent
-    items = [it for it in load_qa(dataset_dir, split="test") or load_qa(dataset_dir) if _within(folder, it["image"])]
+    usable = lambda items: [i for i in items if "image_error" not in i and _within(folder, i["image"])]  # noqa: E731
+    items = usable(load_qa(dataset_dir, split="test")) or usable(load_qa(dataset_dir))
     if not items:
         raise ValueError(f"no questions with an image inside its folder in {dataset_dir}")
     return rng.choice(items)
@@ -388,6 +463,8 @@ def dataset_gallery(dataset_dir, limit: int = 60) -> list[tuple[str, list[dict]]
     """(absolute image path, its questions) for the first `limit` images, for previews."""
     by_image: dict[str, list[dict]] = {}
     for item in load_qa(dataset_dir):
+        if "image_error" in item:
+            continue
         if item["image"] in by_image or len(by_image) < limit:
             by_image.setdefault(item["image"], []).append(item)
     return list(by_image.items())

@@ -22,6 +22,8 @@ MAX_IMAGE_BYTES = 50 * 2 ** 20
 MESSAGES = {
     "not_found": "path does not exist",
     "no_data_files": "no .jsonl/.json data files found",
+    "no_records": "the data files hold no records: there is nothing to train or evaluate on",
+    "not_utf8": "line is not valid UTF-8 text (the trainer reads UTF-8 and would stop there)",
     "jsonl_is_json_array": "a .jsonl file holds one JSON array: JSON Lines (one record per line) expected",
     "json_is_json_lines": "a .json file holds JSON Lines: the LLaVA trainer expects one JSON array",
     "json_not_array": "a .json file holds a single object, not an array of records",
@@ -31,6 +33,7 @@ MESSAGES = {
     "duplicate_id": "id used by more than one record",
     "missing_image_field": "record has no image",
     "image_missing": "image file not found",
+    "image_outside_dataset": "image path is absolute or leads out of the dataset folder (it is never read)",
     "image_unreadable": "image cannot be decoded",
     "image_too_large": "image too large (possible decompression bomb)",
     "no_conversations": "conversations missing or empty",
@@ -121,7 +124,13 @@ def _files(path: Path, report: Report) -> list[Path]:
 
 
 def _parse(f: Path, report: Report) -> list[tuple[int, object]]:
-    text = f.read_text(encoding="utf-8", errors="replace")
+    raw = f.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        report.add("not_utf8", f.name, raw.count(b"\n", 0, e.start) + 1, detail=f"byte {raw[e.start]:#04x} at "
+                   f"offset {e.start}")
+    text = raw.decode("utf-8", errors="replace")    # go on, so the other defects are reported too
     stripped = text.lstrip()
     if stripped.startswith("["):
         if f.suffix == ".jsonl":
@@ -290,7 +299,11 @@ def validate(path) -> Report:
             if not rec.get("image"):
                 report.add("missing_image_field", *where)
                 continue
-            img = resolve_image(f.parent, str(rec["image"]))
+            try:
+                img = resolve_image(f.parent, str(rec["image"]))
+            except ValueError:
+                report.add("image_outside_dataset", *where, detail=str(rec["image"]))
+                continue
             if img not in image_status:
                 image_status[img] = _check_image(img)
                 if image_status[img]:
@@ -300,7 +313,9 @@ def validate(path) -> Report:
         named = sorted(s for s in splits if s)
         if len(named) > 1:
             report.add("image_in_several_splits", img.name, detail=", ".join(named))
-    if records and not ({"test", "val"} & set(per_split)):
+    if not records:
+        report.add("no_records", path, detail=", ".join(f.name for f in files))
+    elif not ({"test", "val"} & set(per_split)):
         report.add("no_split", path, detail=f"splits seen: {', '.join(sorted(per_split))}")
     report.counts = {"records": records, "questions": questions, "images": len(image_status),
                      "records_per_split": dict(per_split), "files": [f.name for f in files]}

@@ -30,19 +30,50 @@ def _progress_bar(done: int, total: int, info: dict) -> None:
 
 
 def cmd_run(args) -> int:
+    """Exit 0 when every sample of every model was scored; 1 when a model could not be opened, or when
+    samples failed (missing image, backend error ...) unless --allow-errors; 2 for bad arguments or data."""
     from eval.run import run_eval
     summaries = run_eval(args.data, args.model, args.out, split=args.split, images=args.images, limit=args.limit,
                          prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, concurrency=args.concurrency, metrics=tuple(args.metrics),
                          on_progress=None if args.quiet else _progress_bar)
-    metrics = list(args.metrics)
-    print(f"{'model':40s} {'n':>6s} " + " ".join(f"{m:>12s}" for m in metrics) + f" {'samples/s':>10s}")
-    for s in summaries:
-        rate = s["timing"]["samples_per_s"]
-        print(f"{s['slug'][:40]:40s} {s['n']:6d} " + " ".join(f"{s['overall'][m]:12.2f}" for m in metrics)
-              + f" {rate if rate is not None else '-':>10}")
+    print(format_table(summaries, list(args.metrics)))
     print(f"written to {args.out}")
-    return 0
+    failed = False
+    for s in summaries:
+        if s.get("failed"):
+            print(f"error: model {s['slug']} ({s['model']}) {s['failed']}", file=sys.stderr)
+            failed = True
+        elif s["n_errors"]:
+            first = next(r for r in _error_rows(args.out, s["slug"]))
+            level = "warning" if args.allow_errors else "error"
+            print(f"{level}: {s['slug']}: {s['n_errors']} of {s['n']} samples failed and are scored wrong "
+                  f"(first: {first['id']}: {first['error']}); see {s['slug']}/samples.jsonl"
+                  + ("" if args.allow_errors else "; --allow-errors accepts them"), file=sys.stderr)
+            failed = failed or not args.allow_errors
+    return 1 if failed else 0
+
+
+def format_table(summaries: list[dict], metrics: list[str]) -> str:
+    """One line per model: n, n_errors (samples scored wrong because they failed), scores, speed."""
+    lines = [f"{'model':40s} {'n':>6s} {'n_errors':>8s} " + " ".join(f"{m:>12s}" for m in metrics)
+             + f" {'samples/s':>10s}"]
+    for s in summaries:
+        if s.get("failed"):
+            lines.append(f"{s['slug'][:40]:40s} {s['n']:6d} {s['n_errors']:8d} {'failed':>12s}")
+            continue
+        rate = s["timing"]["samples_per_s"]
+        lines.append(f"{s['slug'][:40]:40s} {s['n']:6d} {s['n_errors']:8d} "
+                     + " ".join(f"{s['overall'][m]:12.2f}" for m in metrics)
+                     + f" {rate if rate is not None else '-':>10}")
+    return "\n".join(lines)
+
+
+def _error_rows(out: str, slug: str):
+    from pathlib import Path
+
+    from charts.io import read_jsonl
+    return (r for r in read_jsonl(Path(out) / slug / "samples.jsonl") if r.get("error"))
 
 
 def cmd_compare(args) -> int:
@@ -96,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "for local models, 1 for endpoints)")
     run.add_argument("--concurrency", type=int, help="requests in flight for endpoints (default 4)")
     run.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(METRICS))
+    run.add_argument("--allow-errors", action="store_true",
+                     help="exit 0 even when samples failed (they are scored wrong and counted in n_errors)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 

@@ -118,10 +118,12 @@ def _table(header: list[str], rows: list[list], left: int = 1) -> str:
 
 
 def _group_table(summaries: list[dict], group: str, metric: str) -> str:
+    """Scores per group, and the failed samples in each ("errors", per model when several) that count as wrong."""
     keys = sorted({k for s in summaries for k in s.get(group, {})})
-    header = [group[3:].replace("_", " "), "n"] + [s["slug"] for s in summaries]
-    rows = [[k, (summaries[0].get(group, {}).get(k) or {}).get("n")]
-            + [(s.get(group, {}).get(k) or {}).get(metric) for s in summaries] for k in keys]
+    cell = lambda s, k, field: (s.get(group, {}).get(k) or {}).get(field)  # noqa: E731
+    header = [group[3:].replace("_", " "), "n", "errors"] + [s["slug"] for s in summaries]
+    rows = [[k, cell(summaries[0], k, "n"), " / ".join(str(cell(s, k, "n_errors") or 0) for s in summaries)]
+            + [cell(s, k, metric) for s in summaries] for k in keys]
     return _table(header, rows)
 
 
@@ -203,6 +205,7 @@ def leaderboard_rows(evals_dir: str | Path) -> list[dict]:
         rows.append({"eval": summary_path.parent.parent.name, "model": s.get("model", ""),
                      "dataset": Path(s.get("dataset", {}).get("path", "")).name,
                      "split": s.get("dataset", {}).get("split") or "all", "n": s.get("n"),
+                     "n_errors": s.get("n_errors", 0),
                      **{m: overall.get(m) for m in ("relaxed_ref", "relaxed_norm", "exact", "anls")},
                      "date": (s.get("timing") or {}).get("finished", "")[:16].replace("T", " ")})
     rows.sort(key=lambda r: r["date"], reverse=True)

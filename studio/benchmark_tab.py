@@ -18,13 +18,15 @@ from eval import compare
 from eval.images import ImageError, load_image
 from eval.paired import compare_runs
 from eval.report import bar_chart, leaderboard_rows, write_reports
-from eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX, DatasetError, RunMismatch, read_runs, run_eval
+from eval.run import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX, DatasetError, RunMismatch, named_eval_dir,
+                      new_eval_dir, read_runs, run_eval)
 from studio.context import Studio
 
 SPLITS = ["test", "val", "train", "human", "augmented", "all"]
 OUTCOMES = {"regressed": "regressed", "fixed": "fixed", "both wrong": "both_wrong", "both right": "both_right",
             "all": None}
-BOARD_COLUMNS = ["eval", "model", "dataset", "split", "n", "relaxed_ref", "relaxed_norm", "exact", "anls", "date"]
+BOARD_COLUMNS = ["eval", "model", "dataset", "split", "n", "n_errors", "relaxed_ref", "relaxed_norm", "exact", "anls",
+                 "date"]
 
 
 # ---------------------------------------------------------------- what the workspace offers
@@ -96,17 +98,25 @@ def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, pr
 
     if not dataset or not models:
         raise gr.Error("pick a dataset and at least one model")
-    name = name.strip() or f"{Path(dataset).stem}-{split}-{datetime.now():%Y%m%d-%H%M%S}"
-    out = studio.path("evals", name)
+    try:   # a typed name is one folder under workspace/evals (reused to resume); an automatic one is new
+        out = named_eval_dir(studio.path("evals"), name) if (name or "").strip() else \
+            new_eval_dir(studio.path("evals"), f"{Path(dataset).stem}-{split}-{datetime.now():%Y%m%d-%H%M%S}")
+    except ValueError as e:
+        raise gr.Error(str(e))
+    name = out.name
     report = lambda done, total, info: progress(done / max(1, total), desc=f"{info['model']} {done}/{total}")  # noqa: E731
     try:
         summaries = run_eval(dataset, list(models), out, split=None if split == "all" else split,
                              limit=int(limit) or None, prompt_suffix=suffix, max_new_tokens=int(max_new_tokens),
                              on_progress=report)
     except (DatasetError, RunMismatch, ValueError, FileNotFoundError) as e:
+        if out.is_dir() and not any(out.iterdir()):   # refused before it wrote anything: leave no empty folder
+            out.rmdir()
         raise gr.Error(str(e))
-    lines = [f"- `{s['slug']}`: relaxed {s['overall']['relaxed_ref']:.1f} (normalized "
-             f"{s['overall']['relaxed_norm']:.1f}), n {s['n']}" for s in summaries]
+    lines = [f"- `{s['slug']}`: **{s['failed']}**" if s.get("failed") else
+             f"- `{s['slug']}`: relaxed {s['overall']['relaxed_ref']:.1f} (normalized "
+             f"{s['overall']['relaxed_norm']:.1f}), n {s['n']}"
+             + (f", **{s['n_errors']} failed samples scored wrong**" if s["n_errors"] else "") for s in summaries]
     return f"Finished **{name}**\n" + "\n".join(lines), gr.Dropdown(choices=eval_choices(studio), value=str(out))
 
 

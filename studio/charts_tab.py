@@ -88,6 +88,8 @@ def build(studio: Studio) -> dict:
                     progress=gr.Progress()):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
             raise gr.Error("Dataset name: letters, digits, '-', '_' and '.' only.")
+        if not kinds or not families:   # an empty choice must not fall back to "all"
+            raise gr.Error(f"Tick at least one {'chart kind' if not kinds else 'question family'}.")
         out = _dataset_dir(studio, name)
         n = int(count)
         workers = 1 if n < 64 else min(4, os.cpu_count() or 1)

@@ -76,9 +76,10 @@ def test_run_writes_samples_and_grouped_summary(tmp_path):
     assert rows[2]["prediction"] == "2" and rows[2]["relaxed_ref"] == 1.0 and rows[3]["relaxed_ref"] == 0.0
     assert {"golds", "relaxed_norm", "norm_changes", "exact", "anls", "latency_s", "chart_type", "family"} <= set(rows[0])
     assert summary["overall"]["relaxed_ref"] == 50.0 and summary["n"] == 12
-    assert summary["by_family"] == {"compare": {"n": 6, "relaxed_ref": 0.0, "relaxed_norm": 0.0, "exact": 0.0, "anls": 0.0},
-                                    "retrieval": {"n": 6, "relaxed_ref": 100.0, "relaxed_norm": 100.0, "exact": 100.0,
-                                                  "anls": 100.0}}
+    assert summary["by_family"] == {"compare": {"n": 6, "n_errors": 0, "relaxed_ref": 0.0, "relaxed_norm": 0.0,
+                                                "exact": 0.0, "anls": 0.0},
+                                    "retrieval": {"n": 6, "n_errors": 0, "relaxed_ref": 100.0, "relaxed_norm": 100.0,
+                                                  "exact": 100.0, "anls": 100.0}}
     assert set(summary["by_chart_type"]) == {"bar", "line", "pie"} and summary["by_split"]["human"]["n"] == 12
     assert summary["prompt"]["template"] == "{question}\nAnswer the question using a single word or phrase."
     assert summary["generation"]["max_new_tokens"] == 16 and summary["model"] == "local:/models/demo-llava"
