@@ -77,21 +77,21 @@ def _view(spec: ChartSpec, rng: random.Random, totals_ok: bool = True) -> _View:
     names = list(spec.series)
     if spec.kind == "scatter":
         ys = spec.series[names[1]]
-        return _View(ys, _read_err(spec, ys), spec.measure, "", None)
+        return _View(ys, _read_err(spec, ys), _quantity(spec.measure), "", None)
     if spec.kind == "stacked_bar":
         totals = [sum(spec.series[s][i] for s in names) for i in range(len(spec.categories))]
         if totals_ok and rng.random() < 0.5:
             # a stack's top is read against the axis once; its total is exact if segments are printed
-            return _View(totals, _read_err(spec, totals), f"total {spec.measure}", "", None)
+            return _View(totals, _read_err(spec, totals), f"total {_quantity(spec.measure)}", "", None)
         s = rng.choice(names)
         # a segment is the difference of two readings (its top and its bottom)
-        return _View(spec.series[s], 2 * _read_err(spec, totals), spec.measure, f" for the {s} series", s)
+        return _View(spec.series[s], 2 * _read_err(spec, totals), _quantity(spec.measure), f" for the {s} series", s)
     if len(names) > 1:
         s = rng.choice(names)
         allv = [v for n in names for v in spec.series[n]]
-        return _View(spec.series[s], _read_err(spec, allv), spec.measure, f" for the {s} series", s)
+        return _View(spec.series[s], _read_err(spec, allv), _quantity(spec.measure), f" for the {s} series", s)
     vals = spec.series[names[0]]
-    return _View(vals, _read_err(spec, vals), spec.measure, "", None)
+    return _View(vals, _read_err(spec, vals), _quantity(spec.measure), "", None)
 
 
 def _keep(*labels) -> tuple[str, ...]:
@@ -103,6 +103,33 @@ def _pair(view: _View, rng: random.Random, n_cats: int):
     pairs = [(i, j) for i in range(n_cats) for j in range(n_cats)
              if i != j and abs(view.values[i] - view.values[j]) > 2 * view.err]
     return rng.choice(pairs) if pairs else None
+
+
+# Plural measures read as a singular quantity, so that "is the ... the highest" and "a higher ..." stay
+# grammatical ("the number of visitors", not "the visitors").
+_QUANTITY = {"visitors": "number of visitors", "units sold": "number of units sold",
+             "active users": "number of active users", "orders": "number of orders",
+             "emissions": "amount of emissions", "sales": "number of units sold",
+             "projects delivered": "number of projects delivered"}
+
+
+def _quantity(measure: str) -> str:
+    """The measure as a singular noun phrase: 'visitors' -> 'number of visitors', 'revenue' stays."""
+    return _QUANTITY.get(measure, measure)
+
+
+def _poss(label: str) -> str:
+    """English possessive of a label: "Operations'" (not "Operations's"), "North's"."""
+    return label + ("'" if label.endswith("s") else "'s")
+
+
+def _at(spec: ChartSpec, cat: str) -> str:
+    """How a category is named after a measure: 'in 2020', 'at the Trials stage', 'for Electronics'."""
+    if spec.time_axis:
+        return f"in {cat}"
+    if spec.kind == "funnel":
+        return f"at the {cat} stage"
+    return f"for {cat}"
 
 
 def _fill(template: str, spec: ChartSpec, **kw) -> str:
@@ -124,12 +151,13 @@ def value_q(spec, rng):
     if tol is _SKIP:
         return None
     cat = spec.categories[i]
-    q = _fill(rng.choice([
-        "What is the {measure} for {cat}{part}?",
-        "What {measure} does the chart show for {cat}{part}?",
-        "According to the chart, what is the {measure} of {cat}{part}?",
-        "What value is shown for {cat}{part}?",
-    ]), spec, measure=v.measure, cat=cat, part=v.part)
+    templates = ["What is the {measure} {at}{part}?",
+                 "What does the chart show as the {measure} {at}{part}?",
+                 "According to the chart, what is the {measure} {at}{part}?"]
+    if spec.kind != "scatter" and v.measure == _quantity(spec.measure):
+        # only where one number is drawn per category: a scatter point has two, a stack has segments
+        templates.append("What value is shown {at}{part}?")
+    q = _fill(rng.choice(templates), spec, measure=v.measure, at=_at(spec, cat), part=v.part)
     return QA(q, format_value(v.values[i], spec.fmt), "value", _num_type(spec), tol, _keep(cat, v.series))
 
 
@@ -151,12 +179,12 @@ def share_q(spec, rng):
     if spec.kind == "funnel":
         i = rng.randrange(1, len(cats))
         q = _fill(rng.choice([
-            "What percentage of {first} reached the {stage} stage?",
-            "What share of {first} made it to {stage}?",
-            "What is the conversion rate from {first} to {stage}, in percent?",
-        ]), spec, first=cats[0].lower(), stage=cats[i].lower())
+            "What percentage of the people at the {first} stage reached the {stage} stage?",
+            "What share of the {first} stage made it to the {stage} stage?",
+            "What is the conversion rate from the {first} stage to the {stage} stage, in percent?",
+        ]), spec, first=cats[0], stage=cats[i])
         return QA(q, format_value(funnel_rate(spec, i), "percent"), "share", "percent", None,
-                  _keep(cats[0].lower(), cats[i].lower()))
+                  _keep(cats[0], cats[i]))
     if not spec.additive or spec.kind == "scatter":
         return None
     if spec.kind == "stacked_bar":
@@ -169,9 +197,9 @@ def share_q(spec, rng):
         if tol is _SKIP:
             return None
         q = _fill(rng.choice([
-            "What percentage of the total for {cat} comes from {s}?",
-            "What share of {cat}'s total {measure} is {s}, in percent?",
-        ]), spec, cat=cats[i], s=s, measure=spec.measure)
+            "What percentage of the total {at} comes from {s}?",
+            "What share of the total {measure} {at} comes from {s}, in percent?",
+        ]), spec, at=_at(spec, cats[i]), s=s, measure=_quantity(spec.measure))
         return QA(q, format_value(100 * val / total, "percent"), "share", "percent", tol, _keep(cats[i], s))
     v = _view(spec, rng)
     i = rng.randrange(len(cats))
@@ -181,7 +209,7 @@ def share_q(spec, rng):
         return None
     q = _fill(rng.choice([
         "What percentage of the total {measure}{part} comes from {cat}?",
-        "What share of all {measure}{part} does {cat} account for, in percent?",
+        "What share of the total {measure}{part} does {cat} account for, in percent?",
     ]), spec, measure=v.measure, part=v.part, cat=cats[i])
     return QA(q, format_value(100 * v.values[i] / total, "percent"), "share", "percent", tol, _keep(cats[i], v.series))
 
@@ -196,7 +224,7 @@ def extreme_q(spec, rng):
     q = _fill(rng.choice([
         "What is the {word} {measure}{part} shown in the chart?",
         "What is the {word} {measure}{part}?",
-        "What is the {word} value of {measure}{part} in the chart?",
+        "Across all {nouns}, what is the {word} {measure}{part}?",
     ]), spec, word=rng.choice(("highest", "maximum")) if high else rng.choice(("lowest", "minimum")),
         measure=v.measure, part=v.part)
     return QA(q, format_value(x, spec.fmt), "extreme", _num_type(spec), tol, _keep(v.series))
@@ -228,12 +256,12 @@ def compare_q(spec, rng):
     templates = ([
         "Is the {measure} of {a} greater than that of {b}{part}?",
         "Does {a} have a higher {measure} than {b}{part}?",
-        "Is {a}'s {measure} larger than {b}'s{part}?",
+        "Is {pa} {measure} larger than {pb}{part}?",
     ] if greater else [
         "Is the {measure} of {a} lower than that of {b}{part}?",
         "Does {a} have a smaller {measure} than {b}{part}?",
     ])
-    q = _fill(rng.choice(templates), spec, measure=v.measure, a=a, b=b, part=v.part)
+    q = _fill(rng.choice(templates), spec, measure=v.measure, a=a, b=b, pa=_poss(a), pb=_poss(b), part=v.part)
     yes = (v.values[i] > v.values[j]) == greater
     return QA(q, "Yes" if yes else "No", "compare", "yes/no", None, _keep(a, b, v.series))
 
@@ -274,9 +302,9 @@ def ratio_q(spec, rng):
     a, b = spec.categories[i], spec.categories[j]
     q = _fill(rng.choice([
         "What is the ratio of the {measure} of {a} to that of {b}{part}?",
-        "By what factor does {a}'s {measure} exceed {b}'s{part}?",
+        "By what factor does {pa} {measure} exceed {pb}{part}?",
         "What is the ratio between {a} and {b} in {measure}{part}?",
-    ]), spec, measure=v.measure, a=a, b=b, part=v.part)
+    ]), spec, measure=v.measure, a=a, b=b, pa=_poss(a), pb=_poss(b), part=v.part)
     return QA(q, f"{ratio:.2f}", "ratio", "number", tol, _keep(a, b, v.series))
 
 
@@ -290,9 +318,9 @@ def sum_q(spec, rng):
         tol = _tol(totals[i], _read_err(spec, totals))
         if tol is _SKIP:
             return None
-        q = _fill(rng.choice(["What is the total {measure} for {cat}?",
-                              "What do all series add up to for {cat}?"]),
-                  spec, measure=spec.measure, cat=spec.categories[i])
+        q = _fill(rng.choice(["What is the total {measure} {at}?",
+                              "What do all series add up to {at}?"]),
+                  spec, measure=_quantity(spec.measure), at=_at(spec, spec.categories[i]))
         return QA(q, format_value(totals[i], spec.fmt), "sum", _num_type(spec), tol, _keep(spec.categories[i]))
     v = _view(spec, rng, totals_ok=False)
     total = sum(v.values)

@@ -238,3 +238,66 @@ def test_is_close_uses_the_relative_tolerance():
     assert is_close("105", "100", 0.05) and not is_close("106", "100", 0.05)
     assert is_close("$1.2M", "1,200,000", None)
     assert is_close("north", "North", None) and not is_close("South", "North", None)
+
+
+# ---------------------------------------------------------------- grammar over many charts of every kind and look
+from charts.spec import LOOKS, MEASURES, SCATTER_PAIRS  # noqa: E402
+
+_MEASURE_WORDS = sorted({m[0] for m in MEASURES} | {p[4][1] for p in SCATTER_PAIRS} | {"share", "number of people"},
+                        key=len, reverse=True)
+_PLURALS = [m for m in _MEASURE_WORDS if m.endswith("s") or m.endswith(" sold") or m.endswith(" delivered")]
+_ADJ = "average|mean|highest|lowest|maximum|minimum|largest|smallest|higher|lower|smaller|larger"
+_MOD = rf"(?:(?:total|{_ADJ}) )?"
+_PL = "|".join(map(re.escape, _PLURALS))
+_M = "|".join(map(re.escape, _MEASURE_WORDS))
+BAD_PATTERNS = {
+    "s's possessive": r"s's\b",
+    "'is the <plural>'": rf"\b(?:is|was) the {_MOD}(?:{_PL})\b",
+    "'a higher <plural>'": rf"\ban? {_MOD}(?:{_PL})\b",
+    "'the highest <plural>'": rf"\bthe (?:{_ADJ}) (?:total )?(?:{_PL})\b",
+    "'What <measure> does'": rf"^What (?:total )?(?:{_M}) does\b",
+    "'value of <measure>'": r"\bvalue of (?:number|amount) of\b",
+    "'all number of'": r"\ball (?:number|amount) of\b",
+    "doubled word": r"\b(\w+) \1\b",
+    "space before punctuation": r"\s[?,.]",
+}
+
+
+def _many_questions(n=2000):
+    looks = list(LOOKS)
+    for i in range(n):
+        kind = KINDS[i % len(KINDS)]
+        spec = sample_spec(kind, random.Random(f"grammar:{i}"), look=looks[i % len(looks)])
+        for qa in make_questions(spec, random.Random(i)):
+            yield spec, qa
+
+
+def test_generated_questions_avoid_known_bad_grammar():
+    bad = defaultdict(list)
+    n = 0
+    for spec, qa in _many_questions():
+        n += 1
+        for name, pattern in BAD_PATTERNS.items():
+            if re.search(pattern, qa.question):
+                bad[name].append((spec.kind, qa.question))
+    assert n > 15000
+    assert not bad, {k: v[:3] for k, v in bad.items()}
+
+
+def test_value_questions_name_the_measure_where_a_chart_shows_several_numbers_per_category():
+    # a scatter point has an x and a y; a stacked bar has segments and a total: "what value is shown" is ambiguous
+    for spec, qa in _many_questions(600):
+        ambiguous = spec.kind == "scatter" or (spec.kind == "stacked_bar" and " series" not in qa.question)
+        if qa.family == "value" and ambiguous:
+            assert not qa.question.startswith("What value is shown"), (spec.kind, qa.question)
+
+
+@pytest.mark.parametrize("pattern,text", [
+    ("s's possessive", "Is Operations's budget larger than Sales'?"),
+    ("'is the <plural>'", "For which year is the visitors the highest?"),
+    ("'What <measure> does'", "What active users does the chart show for 2020?"),
+    ("'a higher <plural>'", "Does Gas have a higher orders than Nuclear?"),
+    ("'the highest <plural>'", "Which region has the highest visitors?"),
+])
+def test_the_grammar_patterns_catch_the_reported_questions(pattern, text):
+    assert re.search(BAD_PATTERNS[pattern], text)
