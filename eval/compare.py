@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from charts.io import append_jsonl
+from eval.display import short_name, status_line
 from eval.protocol import ModelRef, Request
 
 MAX_QUESTION_CHARS = 4000
@@ -217,12 +218,12 @@ def export_html(result: CompareResult, image=None) -> str:
     cells = []
     for label, side in zip("ABCDEFGH", result.sides):
         body = f"<p class='err'>{esc(side.error)}</p>" if side.error else f"<pre>{esc(side.text)}</pre>"
-        cells.append(f"<td><h3>{label}: {esc(side.name or side.ref)}</h3><p class='ref'>"
+        cells.append(f"<td><h3>{label}: {esc(short_name(side.ref) or side.name)}</h3><p class='ref'>"
                      f"{esc(side.ref)}</p>{body}<p>{esc(side.verdict)}</p>"
                      f"<p class='stats'>{esc(side.stats())}</p></td>")
     gold = result.gold
     img = f"<img src='{_image_data_url(image)}' alt='chart'>" if image is not None else "<p>(no image)</p>"
-    settings = esc(json.dumps(result.settings))
+    settings = esc(status_line(result.settings))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Compare: {esc(result.question[:60])}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2rem auto}}img{{max-width:100%;

@@ -38,25 +38,66 @@ def _png_data_uri(png: bytes) -> str:
 
 
 def bar_chart(summaries: list[dict], group: str = "by_family", metric: str = "relaxed_ref"):
-    """A matplotlib Figure of grouped bars, one colour per model, one group per family (or chart kind).
-    Agg object API: no pyplot, so no global figure state and nothing needs a display."""
+    """A matplotlib Figure of horizontal bars, one colour per model, one row per family (or chart kind),
+    each bar labelled with its score. Horizontal so that a dozen kind names stay readable at half the
+    page width; the figure grows in height, not width. Agg object API: no pyplot, so no global figure
+    state and nothing needs a display."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    keys = sorted({k for s in summaries for k in s.get(group, {})})
-    fig = Figure(figsize=(max(5.0, 0.9 * len(keys) + 2), 3.2), dpi=100)
+    keys = sorted({k for s in summaries for k in s.get(group, {})}, reverse=True)   # A at the top
+    n_models = max(1, len(summaries))
+    fig = Figure(figsize=(6.4, 0.9 + len(keys) * (0.22 + 0.16 * n_models)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    width = 0.8 / max(1, len(summaries))
-    x = np.arange(len(keys))
+    height = 0.8 / n_models
+    y = np.arange(len(keys))
     for i, s in enumerate(summaries):
         values = [(s.get(group, {}).get(k) or {}).get(metric) or 0.0 for k in keys]
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=s.get("slug", f"model {i}"))
-    ax.set_xticks(x, keys, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, loc="upper right")
+        bars = ax.barh(y + 0.4 - (i + 0.5) * height, values, height, label=s.get("slug", f"model {i}"))
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax.set_yticks(y, [k.replace("_", " ") for k in keys], fontsize=9)
+    ax.set_xlabel(f"{metric} (%)")
+    ax.set_xlim(0, 108)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=min(3, n_models), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def training_chart(rows: list[dict]):
+    """Loss (and eval loss) beside eval accuracy (%) over steps, every logged point marked: evaluations
+    are few, and a line alone would hide a single one. `rows` are metrics.jsonl records; training logs
+    accuracy as a fraction, shown here in percent like every accuracy of the studio."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from eval.display import pct
+
+    fig = Figure(figsize=(8.0, 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for key, style in (("loss", "o-"), ("eval_loss", "s--")):
+        points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r.get("step") is not None]
+        if points:
+            loss_ax.plot(*zip(*points), style, markersize=4 if key == "loss" else 6, label=key.replace("_", " "))
+    acc = [(r["step"], pct(r["eval_relaxed_accuracy"])) for r in rows if r.get("eval_relaxed_accuracy") is not None and r.get("step") is not None]
+    if acc:
+        acc_ax.plot(*zip(*acc), "D-", color="#59a14f", markersize=6)
+        for x, y in acc:
+            acc_ax.annotate(f"{y:.0f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    loss_ax.set_title("loss", fontsize=10)
+    acc_ax.set_title("eval relaxed accuracy (%)", fontsize=10)
+    acc_ax.set_ylim(0, 105)
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("step", fontsize=9)
+        ax.grid(alpha=0.3)
+    if loss_ax.lines:
+        loss_ax.legend(fontsize=8)
+    else:
+        loss_ax.text(0.5, 0.5, "no steps logged yet", ha="center", va="center", transform=loss_ax.transAxes)
+    if not acc:
+        acc_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=acc_ax.transAxes)
     fig.tight_layout()
     return fig
 

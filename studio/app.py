@@ -2,10 +2,11 @@
 cross tabs. Each tab lives in its own `<name>_tab.py` with one `build(studio)`."""
 from __future__ import annotations
 
-from pathlib import Path
+import html
 
 import gradio as gr
 
+from eval.display import short_name
 from studio import benchmark_tab, charts_tab, compare_tab, finetune_tab
 from studio.context import Studio
 
@@ -19,11 +20,12 @@ def header(studio: Studio) -> str:
     import torch
 
     device = f"CUDA ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU"
-    adapter = f" · adapter `{studio.adapter}`" if studio.adapter else ""
+    named = lambda path: f'<code title="{html.escape(str(path))}">{html.escape(short_name(path))}</code>'  # noqa: E731
+    adapter = f" · adapter {named(studio.adapter)}" if studio.adapter else ""
     loaded = studio.pool.loaded()
-    modes = " · ".join(f"`{Path(e['base']).name}`: {e['mode']}" for e in loaded) or "no model loaded yet"
-    return (f"## LLaVA Chart Studio\nBase model `{studio.base}`{adapter} · {device} · "
-            f"workspace `{studio.workspace}`\n\nLoaded: {modes}")
+    modes = " · ".join(f"{named(e['base'])}: {e['mode']}" for e in loaded) or "no model loaded yet"
+    return (f"## LLaVA Chart Studio\nBase model {named(studio.base)}{adapter} · {device} · "
+            f"workspace {named(studio.workspace)}\n\nLoaded: {modes}")
 
 
 def build_app(studio: Studio) -> gr.Blocks:
@@ -45,7 +47,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 side_a, side_b = finetune_tab.compare_refs(studio.workspace, job_id)
             except ValueError as e:
                 raise gr.Error(str(e))
-            return gr.Tabs(selected="compare"), side_a, side_b
+            fresh = compare_tab.side_choices(studio, "local")    # this run may be newer than the page
+            return (gr.Tabs(selected="compare"), gr.Dropdown(choices=fresh, value=side_a),
+                    gr.Dropdown(choices=fresh, value=side_b))
 
         finetune["compare_button"].click(
             open_in_compare, inputs=finetune["job"],

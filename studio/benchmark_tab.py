@@ -17,6 +17,7 @@ from charts.io import inside, read_jsonl
 from eval import compare
 from eval.images import ImageError, load_image
 from eval.paired import compare_runs
+from eval.display import rounded, short_name
 from eval.report import bar_chart, leaderboard_rows, write_reports
 from eval.run import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX, DatasetError, RunMismatch, named_eval_dir,
                       new_eval_dir, read_runs, run_eval)
@@ -25,8 +26,9 @@ from studio.context import Studio
 SPLITS = ["test", "val", "train", "human", "augmented", "all"]
 OUTCOMES = {"regressed": "regressed", "fixed": "fixed", "both wrong": "both_wrong", "both right": "both_right",
             "all": None}
-BOARD_COLUMNS = ["eval", "model", "dataset", "split", "n", "n_errors", "relaxed_ref", "relaxed_norm", "exact", "anls",
-                 "date"]
+# scores first and the full model ref last, so a narrow table still shows who scored what
+BOARD_COLUMNS = ["model", "relaxed_ref", "relaxed_norm", "exact", "anls", "n", "n_errors", "eval", "dataset", "split",
+                 "date", "model ref"]
 
 
 # ---------------------------------------------------------------- what the workspace offers
@@ -37,17 +39,19 @@ def dataset_choices(studio: Studio) -> list[tuple[str, str]]:
 
 def model_choices(studio: Studio) -> list[str]:
     """The same list the Compare tab offers: base, base + each adapter, recorded endpoints."""
-    return compare.model_choices(studio.workspace, studio.base, studio.adapter)
+    return [(short_name(r), r) for r in compare.model_choices(studio.workspace, studio.base, studio.adapter)]
 
 
 def eval_choices(studio: Studio) -> list[str]:
     root = studio.path("evals")
     found = {p.parent.parent for p in root.glob("*/*/summary.json")} if root.is_dir() else set()
-    return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return [(p.name, str(p)) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
 def leaderboard(studio: Studio) -> pd.DataFrame:
-    return pd.DataFrame(leaderboard_rows(studio.path("evals")), columns=BOARD_COLUMNS)
+    rows = [{**{k: rounded(v) for k, v in r.items()}, "model": short_name(r["model"]), "model ref": r["model"]}
+            for r in leaderboard_rows(studio.path("evals"))]
+    return pd.DataFrame(rows, columns=BOARD_COLUMNS)
 
 
 # ---------------------------------------------------------------- per-sample browser
@@ -147,7 +151,7 @@ def build(studio: Studio) -> dict:
     models_now = model_choices(studio)
     datasets_now = dataset_choices(studio)
     evals_now = eval_choices(studio)
-    newest = [s for _, s in read_runs(evals_now[0])] if evals_now else []   # shown right away
+    newest = [s for _, s in read_runs(evals_now[0][1])] if evals_now else []   # shown right away
     with gr.Row():
         dataset = gr.Dropdown(datasets_now, value=datasets_now[0][1] if datasets_now else None, allow_custom_value=True,
                               label="Dataset (workspace/datasets, or a path to a ChartQA-style / LLaVA file)", scale=3)
@@ -155,7 +159,7 @@ def build(studio: Studio) -> dict:
         limit = gr.Number(value=100, precision=0, minimum=0, label="Limit (0 = all)", scale=1)
         name = gr.Textbox(label="Eval name", placeholder="automatic: dataset-split-time", scale=2)
     with gr.Row():
-        models = gr.Dropdown(models_now, value=models_now[:2], multiselect=True, allow_custom_value=True, scale=5,
+        models = gr.Dropdown(models_now, value=[v for _, v in models_now[:2]], multiselect=True, allow_custom_value=True, scale=5,
                              label="Models (the first is the baseline; type sagemaker:NAME or openai:URL#MODEL too)")
         refresh = gr.Button("Refresh lists", size="sm", scale=1)
     with gr.Accordion("Prompt and generation (recorded with the results)", open=False):
@@ -166,7 +170,7 @@ def build(studio: Studio) -> dict:
     status = gr.Markdown()
     board = gr.Dataframe(leaderboard(studio), label="Leaderboard (workspace/evals)", interactive=False)
     with gr.Row():
-        eval_dir = gr.Dropdown(evals_now, value=evals_now[0] if evals_now else None, allow_custom_value=False,
+        eval_dir = gr.Dropdown(evals_now, value=evals_now[0][1] if evals_now else None, allow_custom_value=False,
                                label="Eval run", scale=4)     # only workspace/evals: a typed folder could be anywhere
         others = [s["slug"] for s in newest[1:]]
         model_b = gr.Dropdown(others, value=others[-1] if others else None, label="Compare against the baseline",

@@ -16,6 +16,7 @@ from charts import list_datasets
 from charts import random_example as charts_random_example
 from charts.io import inside
 from eval import compare
+from eval.display import short_name
 from eval.images import ImageError, load_image
 from eval.protocol import Request
 from studio.context import Studio
@@ -26,8 +27,11 @@ BACKEND_HELP = {"local": "a hub id or folder, or BASE+ADAPTER_DIR", "sagemaker":
                 "openai": "URL#MODEL, e.g. http://127.0.0.1:8000/v1#llava-hf/llava-1.5-7b-hf"}
 
 
-def _choices(studio: Studio, kind: str) -> list[str]:
-    return [c for c in compare.model_choices(studio.workspace, studio.base, studio.adapter) if c.startswith(kind + ":")]
+def side_choices(studio: Studio, kind: str) -> list[tuple[str, str]]:
+    """(short name, ref) pairs: the dropdown shows 'demo-llava + r1', the side gets the full ref."""
+    refs = compare.model_choices(studio.workspace, studio.base, studio.adapter) if kind == "local" else \
+        compare.endpoint_refs(studio.workspace)
+    return [(short_name(c), c) for c in refs if c.startswith(kind + ":")]
 
 
 def _datasets(studio: Studio) -> list[str]:
@@ -43,7 +47,8 @@ def _examples() -> list[list[str]]:
 def _side_panel(studio: Studio, label: str, default: str):
     with gr.Column():
         kind = gr.Radio(list(compare.KINDS), value=default.split(":", 1)[0], label=f"Side {label} backend")
-        model = gr.Dropdown(_choices(studio, "local") + compare.endpoint_refs(studio.workspace), value=default,
+        model = gr.Dropdown([c for k in compare.KINDS for c in side_choices(studio, k)],
+                            value=default,
                             allow_custom_value=True, label=f"Side {label} model",
                             info="pick, or type " + "; ".join(f"{k}: {v}" for k, v in BACKEND_HELP.items()))
         answer = gr.Textbox(label=f"Answer {label}", lines=4, interactive=False, elem_classes="answer")
@@ -100,9 +105,8 @@ def build(studio: Studio) -> dict:
 
     # ---- callbacks ----
     def pick_kind(kind):
-        choices = _choices(studio, kind) if kind == "local" else \
-            [c for c in compare.endpoint_refs(studio.workspace) if c.startswith(kind + ":")]
-        return gr.Dropdown(choices=choices, value=choices[0] if choices else None)
+        choices = side_choices(studio, kind)
+        return gr.Dropdown(choices=choices, value=choices[0][1] if choices else None)
 
     def random_example(name):
         if not name:
@@ -185,7 +189,10 @@ def build(studio: Studio) -> dict:
         rows = compare.batch_compare(refs, examples, q, studio.pool, int(max_new), {"local": studio.local_options()},
                                      on_progress=lambda side, done, total: progress(done / total, desc=f"side {side}"))
         import pandas as pd
-        return f"{len(rows)} examples · A = {refs[0]} · B = {refs[1]}", pd.DataFrame(rows)
+        table = pd.DataFrame(rows)    # verdicts first: a narrow table still shows who was right
+        table = table[[c for c in ("A verdict", "B verdict", "A", "B", "question", "gold", "chart_type", "id")
+                       if c in table.columns]]
+        return f"{len(rows)} examples · A = {short_name(refs[0])} · B = {short_name(refs[1])}", table
 
     # ---- wiring ----
     kind_a.change(pick_kind, inputs=kind_a, outputs=side_a)

@@ -11,12 +11,15 @@ from pathlib import Path
 import gradio as gr
 
 from charts.io import inside
+from eval.display import pct, rounded
+from eval.report import training_chart
 from studio.context import Studio
 from training.config import PRESETS, TrainConfig, command, form_fields, preset
 from training.launchers import LocalLauncher, all_jobs, read_jobs, read_metrics
 from training.sagemaker import SageMakerLauncher, SageMakerSettings
 
-JOB_COLUMNS = ["id", "kind", "status", "mode", "step", "loss", "eval_loss", "eval_relaxed_accuracy", "created"]
+# scores beside the id; accuracy in percent like every accuracy of the studio
+JOB_COLUMNS = ["id", "status", "step", "loss", "eval_loss", "eval accuracy (%)", "kind", "mode", "created"]
 FIELDS = form_fields()
 SKIPPED = {"output_dir"}          # chosen by the launcher (runs/NAME)
 
@@ -61,17 +64,14 @@ def _jobs_table(workspace: Path):
     rows = all_jobs(workspace, refresh=True)
     for r in rows:
         r["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0)))
+        r["loss"], r["eval_loss"] = rounded(r.get("loss"), 3), rounded(r.get("eval_loss"), 3)
+        r["eval accuracy (%)"] = pct(r.get("eval_relaxed_accuracy"))
     return pd.DataFrame([{c: r.get(c) for c in JOB_COLUMNS} for r in rows], columns=JOB_COLUMNS)
 
 
 def _curves(job: dict | None):
-    """Long-form DataFrame (step, value, metric) for one gr.LinePlot with a colour per metric."""
-    import pandas as pd
-
-    rows = read_metrics(job["output_dir"]) if job and job.get("output_dir") else []
-    points = [{"step": r["step"], "value": r[k], "metric": k} for r in rows
-              for k in ("loss", "eval_loss", "eval_relaxed_accuracy") if r.get(k) is not None]
-    return pd.DataFrame(points, columns=["step", "value", "metric"])
+    """Loss beside eval accuracy for one job, every point marked (eval points are few)."""
+    return training_chart(read_metrics(job["output_dir"]) if job and job.get("output_dir") else [])
 
 
 def build(studio: Studio) -> dict:
@@ -122,7 +122,7 @@ def build(studio: Studio) -> dict:
         refresh_btn, stop_btn = gr.Button("Refresh"), gr.Button("Stop", variant="stop")
         compare_btn = gr.Button("Compare this checkpoint")
     compare_adapter = gr.Textbox(label="Adapter of the selected job", interactive=False)
-    plot = gr.LinePlot(_curves(None), x="step", y="value", color="metric", label="loss / eval_loss / accuracy")
+    plot = gr.Plot(_curves(None), label="loss and eval accuracy")
     log = gr.Textbox(label="Log tail", lines=14, max_lines=14, autoscroll=True)
     timer = gr.Timer(5.0)
     sm_inputs = [role, bucket, region, instance_type, count, spot, hours]
