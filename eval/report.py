@@ -81,7 +81,8 @@ def training_chart(rows: list[dict]):
         points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r.get("step") is not None]
         if points:
             loss_ax.plot(*zip(*points), style, markersize=4 if key == "loss" else 6, label=key.replace("_", " "))
-    acc = [(r["step"], pct(r["eval_relaxed_accuracy"])) for r in rows if r.get("eval_relaxed_accuracy") is not None and r.get("step") is not None]
+    acc = [(r["step"], pct(r["eval_relaxed_accuracy"])) for r in rows
+           if r.get("eval_relaxed_accuracy") is not None and r.get("step") is not None]
     if acc:
         acc_ax.plot(*zip(*acc), "D-", color="#59a14f", markersize=6)
         for x, y in acc:
