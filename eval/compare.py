@@ -188,7 +188,8 @@ def verdict(answer: str, golds: list[str]) -> str:
     from eval.metrics import relaxed_normalized, relaxed_reference
     ref = relaxed_reference(answer, golds)
     norm, changes = relaxed_normalized(answer, golds)
-    mark = "✅ correct" if ref else ("☑️ correct after normalization" if norm else "❌ wrong")
+    # plain-text marks: emoji render as empty boxes where no emoji font is installed
+    mark = "✓ correct" if ref else ("✓ correct after normalization" if norm else "✗ wrong")
     why = f" ({'; '.join(changes)})" if norm and not ref and changes else ""
     return f"{mark} (relaxed accuracy){why}"
 

@@ -169,21 +169,25 @@ def _group_table(summaries: list[dict], group: str, metric: str) -> str:
     return _table(header, rows)
 
 
-def _examples(pair: dict, rows_a: dict, rows_b: dict, slug_a: str, slug_b: str) -> str:
-    ids = pair["ids"]["regressed"][:MAX_EXAMPLES]
+def _examples(pair: dict, rows_a: dict, rows_b: dict, slug_a: str, slug_b: str, outcome: str = "regressed") -> str:
+    """Thumbnails of the samples of one outcome ("fixed" or "regressed"), each with both answers marked
+    right or wrong in plain text (no emoji font needed)."""
+    ids = pair["ids"][outcome][:MAX_EXAMPLES]
     parts = []
     for i in ids:
         a, b = rows_a[i], rows_b[i]
         uri = thumbnail_uri(a.get("image", ""))
         img = f'<img src="{uri}" alt="chart">' if uri else '<span class="muted">(image unreadable)</span>'
+        answers = "".join(
+            f'{html.escape(slug)}: <code class="{"pos" if row["relaxed_ref"] >= 0.5 else "neg"}">'
+            f'{"&#10003;" if row["relaxed_ref"] >= 0.5 else "&#10007;"} {html.escape(row["prediction"])}</code><br>'
+            for slug, row in ((slug_a, a), (slug_b, b)))
         parts.append(
             f'<div class="ex">{img}<div><b>{html.escape(a["question"])}</b><br>'
-            f'gold: <code>{html.escape(" | ".join(a["golds"]))}</code><br>'
-            f'{html.escape(slug_a)}: <code class="pos">{html.escape(a["prediction"])}</code><br>'
-            f'{html.escape(slug_b)}: <code class="neg">{html.escape(b["prediction"])}</code><br>'
+            f'gold: <code>{html.escape(" | ".join(a["golds"]))}</code><br>{answers}'
             f'<span class="muted">{html.escape(i)} &middot; {html.escape(str(a.get("chart_type")))} &middot; '
             f'{html.escape(str(a.get("family")))}</span></div></div>')
-    more = len(pair["ids"]["regressed"]) - len(ids)
+    more = len(pair["ids"][outcome]) - len(ids)
     return "".join(parts) + (f'<p class="muted">and {more} more (see report.csv)</p>' if more > 0 else "")
 
 
@@ -229,8 +233,9 @@ def render_html(data: dict, metric: str = "relaxed_ref") -> str:
                                for k, v in pair[group].items()]))
         rows_a = {r["id"]: r for r in read_samples(dirs[0])}
         rows_b = {r["id"]: r for r in read_samples(dirs[b_index])}
-        out.append(f"<h2>Regressed examples ({pair['regressed']})</h2>")
-        out.append(_examples(pair, rows_a, rows_b, slug_a, slug_b))
+        for outcome in ("fixed", "regressed"):     # what the fine-tune fixed first: the story of the run
+            out.append(f"<h2>{outcome.capitalize()} examples ({pair[outcome]})</h2>")
+            out.append(_examples(pair, rows_a, rows_b, slug_a, slug_b, outcome))
     out.append("</body></html>")
     return "\n".join(out)
 

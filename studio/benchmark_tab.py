@@ -78,6 +78,17 @@ def browse(eval_dir: str, slug_b: str | None, outcome: str) -> tuple[list[tuple[
     return pairs, line
 
 
+def opening_outcome(eval_dir: str | None, slug_b: str | None) -> str:
+    """"fixed" when the compared model fixed any sample (what a fine-tune demo is about), else "regressed"."""
+    runs = read_runs(eval_dir) if eval_dir else []
+    other = next((d for d, s in runs[1:] if s["slug"] == slug_b), None)
+    if other is None:
+        return "regressed"
+    wrong_a = {r["id"] for r in read_jsonl(runs[0][0] / "samples.jsonl") if r["relaxed_ref"] < 0.5}
+    fixed = any(r["id"] in wrong_a and r["relaxed_ref"] >= 0.5 for r in read_jsonl(other / "samples.jsonl"))
+    return "fixed" if fixed else "regressed"
+
+
 def _show(pairs: list, index: int):
     if not pairs:
         return None, "*no samples with this outcome*", "", ""
@@ -129,9 +140,10 @@ def _select_eval(eval_dir):
     summaries = [s for _, s in runs]
     others = [s["slug"] for s in summaries[1:]]
     if not summaries:
-        return None, None, gr.Dropdown(choices=[], value=None)
+        return None, None, gr.Dropdown(choices=[], value=None), gr.update()
+    slug_b = others[-1] if others else None
     return (bar_chart(summaries, "by_family"), bar_chart(summaries, "by_chart_type"),
-            gr.Dropdown(choices=others, value=others[-1] if others else None))
+            gr.Dropdown(choices=others, value=slug_b), opening_outcome(eval_dir, slug_b))
 
 
 def _browse(eval_dir, slug_b, outcome):
@@ -181,7 +193,8 @@ def build(studio: Studio) -> dict:
                             label="relaxed accuracy per chart kind")
     paired = gr.Markdown()
     with gr.Row():
-        outcome = gr.Radio(list(OUTCOMES), value="regressed", label="Samples")
+        outcome = gr.Radio(list(OUTCOMES), value=opening_outcome(evals_now[0][1] if evals_now else None,
+                                                                 others[-1] if others else None), label="Samples")
         index = gr.Slider(0, 1, value=0, step=1, label="Sample")
     with gr.Row():
         image = gr.Image(type="pil", label="Chart", height=320, interactive=False)
@@ -206,10 +219,10 @@ def build(studio: Studio) -> dict:
     run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens], outputs=[status, eval_dir],
               api_name="benchmark_run").then(lambda: leaderboard(studio), outputs=board)
     browse_outputs = [pairs, paired, index, image, question, answer_a, answer_b]
-    eval_dir.change(_select_eval, inputs=eval_dir, outputs=[family_plot, kind_plot, model_b]
+    eval_dir.change(_select_eval, inputs=eval_dir, outputs=[family_plot, kind_plot, model_b, outcome]
                     ).then(_browse, inputs=[eval_dir, model_b, outcome], outputs=browse_outputs)
     model_b.input(_browse, inputs=[eval_dir, model_b, outcome], outputs=browse_outputs)
-    outcome.change(_browse, inputs=[eval_dir, model_b, outcome], outputs=browse_outputs)
+    outcome.input(_browse, inputs=[eval_dir, model_b, outcome], outputs=browse_outputs)  # set by code: .then above
     index.change(_show, inputs=[pairs, index], outputs=[image, question, answer_a, answer_b])
     export.click(_export, inputs=eval_dir, outputs=[csv_file, json_file, html_file], api_name="benchmark_export")
     return {"dataset": dataset, "split": split, "limit": limit, "name": name, "models": models, "run": run,

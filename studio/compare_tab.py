@@ -40,8 +40,24 @@ def _datasets(studio: Studio) -> list[str]:
 
 def _examples() -> list[list[str]]:
     """The charts shipped in assets/examples, each with a question its data answers."""
+    return [[ex["image"], ex["question"]] for ex in shipped_examples()]
+
+
+def shipped_examples() -> list[dict]:
+    """assets/examples/examples.json as examples like a dataset's (image path, question, gold answers), so a
+    shipped chart gets a verdict like a random dataset example."""
     rows = json.loads((ASSETS / "examples.json").read_text())
-    return [[str(ASSETS.parent.parent / r["image"]), r["question"]] for r in rows]
+    return [{"id": f"example:{Path(r['image']).stem}", "image": str(ASSETS.parent.parent / r["image"]),
+             "question": r["question"], "answers": [str(r["answer"])], "family": r.get("family", ""),
+             "chart_type": Path(r["image"]).stem} for r in rows]
+
+
+def example_gold(image, question) -> tuple[str, dict]:
+    """The gold line and the `example` state for a clicked shipped example (matched by its question)."""
+    ex = next((e for e in shipped_examples() if e["question"] == question), None)
+    if ex is None:
+        return "", {}
+    return f"**Gold:** {' | '.join(ex['answers'])} · {ex['chart_type']} · {ex['family']}", ex
 
 
 def _side_panel(studio: Studio, label: str, default: str):
@@ -86,7 +102,9 @@ def build(studio: Studio) -> dict:
             with gr.Row():
                 pool_status = gr.Markdown()
                 unload_button = gr.Button("Unload models", size="sm", scale=0)
-    gr.Examples(_examples(), inputs=[image, question], label="Example charts (assets/examples)")
+    # a click fills the chart and question, then sets the gold as "Random example" does: verdicts follow
+    gr.Examples(_examples(), inputs=[image, question], label="Example charts (assets/examples)", fn=example_gold,
+                outputs=[gold, example], run_on_click=True, cache_examples=False)
     with gr.Row():
         votes = [gr.Button(v, size="sm") for v in compare.VOTES]
         note = gr.Textbox(placeholder="note (optional)", show_label=False, scale=3)

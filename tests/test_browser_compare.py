@@ -32,8 +32,12 @@ def test_an_empty_question_is_answered_with_a_message_in_the_panels(studio_page)
     page.get_by_text("type a question").first.wait_for(timeout=30_000)
 
 
-def test_an_example_chart_fills_image_and_question(studio_page):
+def test_an_example_chart_fills_image_question_and_gold_and_gets_verdicts(studio_page):
     page, _ = studio_page
     page.get_by_role("tab", name="Compare").click()
     page.get_by_text("Which mode of transport has the highest share?").first.click()
     page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('mode of transport'))")
+    page.get_by_text("Gold: Car").wait_for()                 # the shipped example's answer
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.get_by_text("(relaxed accuracy)").first.wait_for(timeout=60_000)   # a verdict on each side
+    assert page.get_by_text("(relaxed accuracy)").count() == 2

@@ -93,9 +93,16 @@ def test_choices_list_base_adapters_and_endpoints(tmp_path):
         "local:B", "local:B+/x/ad", f"local:B+{adapter}", "sagemaker:ep1"]
 
 
+def test_verdict_marks_need_no_emoji_font():
+    # emoji (and the variation selector that asks for emoji style) show as empty boxes without an emoji font
+    for text in (compare.verdict("104", ["100"]), compare.verdict("1,000", ["1000"]), compare.verdict("9", ["1"])):
+        assert all(ord(c) < 0x2600 or 0x2700 <= ord(c) < 0x2705 or 0x2710 <= ord(c) < 0x2718 for c in text), text
+        assert "\ufe0f" not in text
+
+
 def test_verdicts_use_relaxed_accuracy():
-    assert compare.verdict("104", ["100"]).startswith("✅")
-    assert compare.verdict("106", ["100"]).startswith("❌")
+    assert compare.verdict("104", ["100"]).startswith("✓ correct")
+    assert compare.verdict("106", ["100"]).startswith("✗ wrong")
     assert "normalization" in compare.verdict("1,000", ["1000"])
     assert compare.verdict("x", []) == ""
 

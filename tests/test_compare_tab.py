@@ -63,3 +63,14 @@ def test_errors_show_on_their_own_side(app):
     out = client.predict(None, "x" * 20000, f"local:{studio.base}", f"local:{studio.base}", "local", "local", 4, 0.0,
                          api_name="/run_compare")
     assert "limit is 4,000" in out[2] and "limit is 4,000" in out[5]
+
+
+def test_every_shipped_example_carries_its_gold_answer_for_a_verdict():
+    from studio.compare_tab import example_gold, shipped_examples
+
+    examples = shipped_examples()
+    assert examples and all(e["answers"] and e["answers"][0] for e in examples)
+    for e in examples:
+        line, state = example_gold(e["image"], e["question"])
+        assert line.startswith("**Gold:** ") and state["answers"] == e["answers"] and state["question"] == e["question"]
+    assert example_gold(None, "a question of my own") == ("", {})

@@ -95,3 +95,20 @@ def test_benchmark_leaderboard_leads_with_scores_and_short_model_names(tmp_path)
     assert list(board.columns[:2]) == ["model", "relaxed_ref"] and board.columns[-1] == "model ref"
     row = board.iloc[0]
     assert row["model"] == "demo-llava + r1" and row["relaxed_ref"] == 33.3 and row["model ref"] == ref
+
+
+def test_benchmark_opens_on_fixed_samples_when_there_are_any(tmp_path):
+    from test_eval_run import FakeBackend, make_chartqa
+    from test_report import BetterFake
+
+    from eval.run import run_eval
+    from studio.benchmark_tab import opening_outcome
+
+    data = make_chartqa(tmp_path / "data", n=12)
+    backends = {"local:/m/base": FakeBackend(), "local:/m/base+/runs/r1/adapter": BetterFake()}
+    run_eval(data, list(backends), tmp_path / "evals" / "e", open_backend=lambda ref, **o: backends[ref])
+    assert opening_outcome(str(tmp_path / "evals" / "e"), "base+r1-adapter") == "fixed"
+    same = {"local:/m/base": FakeBackend(), "local:/m/copy": FakeBackend()}      # nothing fixed: regressed view
+    run_eval(data, list(same), tmp_path / "evals" / "s", open_backend=lambda ref, **o: same[ref])
+    assert opening_outcome(str(tmp_path / "evals" / "s"), "copy") == "regressed"
+    assert opening_outcome(None, None) == "regressed"

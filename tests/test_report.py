@@ -43,6 +43,18 @@ def test_html_report_is_self_contained(eval_dir):
     assert "Regressed examples (4)" in page
 
 
+def test_html_report_shows_fixed_and_regressed_examples_with_their_images(eval_dir):
+    page = write_reports(eval_dir)["html"].read_text()
+    pair = json.loads((eval_dir / "report.json").read_text())["paired"][0]
+    assert pair["fixed"] > 0 and pair["regressed"] > 0
+    fixed = page.index(f"Fixed examples ({pair['fixed']})")
+    regressed = page.index(f"Regressed examples ({pair['regressed']})")
+    assert fixed < regressed                                # the fixes come first
+    assert page[fixed:regressed].count('<div class="ex"><img src="data:image/png;base64,') == pair["fixed"]
+    assert page[regressed:].count('<div class="ex"><img src="data:image/png;base64,') == pair["regressed"]
+    assert "&#10003;" in page and "&#10007;" in page        # right / wrong marks any font draws
+
+
 def test_csv_has_every_sample_of_every_model(eval_dir):
     paths = write_reports(eval_dir)
     with open(paths["csv"], newline="") as f:
