@@ -4,6 +4,9 @@
         --out workspace/evals/demo [--limit 100]
     python -m eval run --data "ChartQA Dataset/test" --model openai:http://localhost:8000/v1#llava --out evals/chartqa
     python -m eval compare workspace/evals/demo/demo-llava workspace/evals/demo/demo-llava+r1-adapter --out paired.json
+    python -m eval side-by-side --image assets/examples/pie.png --question "Which mode of transport has the highest share?" \
+        --model local:workspace/models/demo-llava --model local:workspace/models/demo-llava+workspace/runs/demo-adapter/adapter
+    python -m eval votes --workspace workspace
     python -m eval report workspace/evals/demo
     python -m eval demo-model --out workspace/models/demo-llava
 """
@@ -91,6 +94,64 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def side_by_side_lines(sides, labels: str = "AB", width: int = 100) -> list[str]:
+    """One line per side for the live view: label, short model name, the answer so far on one line."""
+    from eval.display import short_name
+
+    name_w = max([len(short_name(s.ref)) for s in sides] + [5])
+    out = []
+    for label, side in zip(labels, sides):
+        text = side.error or " ".join(side.text.split()) or ("…" if not side.done else "")
+        head = f"{label}  {short_name(side.ref):{name_w}s} │ "
+        room = max(10, width - len(head))
+        out.append(head + (text if len(text) <= room else text[:room - 1] + "…"))
+    return out
+
+
+def cmd_side_by_side(args) -> int:
+    """Both models answer one chart question at once, streamed as labelled lines updated in place (a plain
+    log of the final answers when stdout is not a terminal). Exit 0 when every side answered, 1 if not."""
+    import shutil
+
+    from eval.compare import check_question, compare_stream, to_ref
+    from eval.display import short_name
+    from eval.images import load_image
+    from eval.pool import ModelPool
+    from eval.protocol import Request
+
+    refs = [to_ref(m) for m in args.model]
+    request = Request(load_image(args.image), check_question(args.question), max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature)
+    live = sys.stdout.isatty() and not args.plain
+    width = shutil.get_terminal_size((100, 20)).columns - 1
+    labels = "ABCDEFGH"[:len(refs)]
+    sides, shown = [], 0
+    stream = compare_stream(refs, request, ModelPool(), {"local": {"quantize": args.quantize}}, args.gold or [])
+    try:
+        for sides in stream:
+            if live:
+                lines = side_by_side_lines(sides, labels, width)
+                sys.stdout.write(("\x1b[%dF" % shown if shown else "") + "".join(f"\x1b[2K{ln}\n" for ln in lines))
+                sys.stdout.flush()
+                shown = len(lines)
+    finally:
+        stream.close()
+    print()
+    for label, side in zip(labels, sides):   # the whole answers, wrapped as the terminal wraps them
+        print(f"{label}  {short_name(side.ref)}  ({side.ref})")
+        print(f"   {side.error or side.text}")
+        if side.verdict:
+            print(f"   {side.verdict}")
+        print(f"   {side.stats().replace('**', '')}")
+    return 1 if any(s.error for s in sides) else 0
+
+
+def cmd_votes(args) -> int:
+    from eval.votes import format_board, leaderboard, read_votes
+    print(format_board(leaderboard(read_votes(args.workspace))))
+    return 0
+
+
 def cmd_report(args) -> int:
     from eval.report import write_reports
     for path in write_reports(args.eval_dir, args.out, metric=args.metric).values():
@@ -132,7 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
-    compare = sub.add_parser("compare", help="paired comparison of two model runs on the same questions")
+    compare = sub.add_parser("compare", help="paired statistics of two finished benchmark runs on the same questions "
+                                             "(delta, bootstrap CI, McNemar); to watch two models answer one chart "
+                                             "live, use side-by-side",
+                             description="Paired statistics of two finished model runs of `python -m eval run` on "
+                                         "the same questions: accuracy delta, bootstrap 95% CI, McNemar test, "
+                                         "fixed / regressed counts. Nothing is generated. To see two models answer "
+                                         "one chart as they stream, use `python -m eval side-by-side`.")
     compare.add_argument("run_a", help="baseline: a model folder (with samples.jsonl) or a samples.jsonl")
     compare.add_argument("run_b")
     compare.add_argument("--metric", default="relaxed_ref")
@@ -140,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", help="paired.json path or folder")
     compare.set_defaults(func=cmd_compare)
+
+    sbs = sub.add_parser("side-by-side", help="one chart and question to two (or more) models at once, both "
+                                              "answers streamed in the terminal (the Compare tab's CLI)")
+    sbs.add_argument("--image", required=True, help="chart image (PNG / JPEG)")
+    sbs.add_argument("--question", required=True)
+    sbs.add_argument("--model", action="append", required=True,
+                     help="local:BASE, local:BASE+ADAPTER, sagemaker:ENDPOINT, openai:URL#MODEL (repeat: one per side)")
+    sbs.add_argument("--gold", action="append", help="gold answer (repeatable): each side gets a verdict")
+    sbs.add_argument("--max-new-tokens", type=int, default=64)
+    sbs.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    sbs.add_argument("--quantize", choices=["auto", "4bit", "none"], default="auto",
+                     help="local models: auto = bf16 when the base fits the GPU, else 4-bit")
+    sbs.add_argument("--plain", action="store_true", help="no in-place updates: only the final answers")
+    sbs.set_defaults(func=cmd_side_by_side)
+
+    votes = sub.add_parser("votes", help="the votes leaderboard of the Compare tab: win rate (95%% Wilson CI) and "
+                                         "Bradley-Terry strength per model, from WORKSPACE/votes.jsonl")
+    votes.add_argument("--workspace", default="workspace")
+    votes.set_defaults(func=cmd_votes)
 
     report = sub.add_parser("report", help="CSV + JSON + one self-contained HTML file for an eval folder")
     report.add_argument("eval_dir")

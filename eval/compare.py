@@ -194,14 +194,40 @@ def verdict(answer: str, golds: list[str]) -> str:
     return f"{mark} (relaxed accuracy){why}"
 
 
+# ---- blind comparisons ----
+def blind_order(rng: random.Random, n: int = 2) -> list[int]:
+    """A shuffled order for a blind comparison: the side shown as A (index 0) is real side order[0], and so on."""
+    order = list(range(n))
+    rng.shuffle(order)
+    return order
+
+
+def unblind(vote: str, order: list[int] | None, shown_refs: list[str]) -> dict:
+    """A vote cast on the sides as shown, mapped back to the real sides: {"vote": the vote in terms of the
+    real A and B, "winner"/"loser": refs or None for a tie / both bad, "models": the real [A, B] refs}."""
+    order = list(order or range(len(shown_refs)))
+    models = [""] * len(shown_refs)
+    for shown, real in enumerate(order):
+        models[real] = shown_refs[shown]
+    if vote in ("A better", "B better"):
+        shown = "AB".index(vote[0])
+        return {"vote": f"{'AB'[order[shown]]} better", "winner": shown_refs[shown],
+                "loser": shown_refs[1 - shown], "models": models}
+    return {"vote": vote, "winner": None, "loser": None, "models": models}
+
+
 # ---- votes and export ----
 def record_vote(workspace: str | Path, vote: str, note: str, result: CompareResult | None) -> dict:
+    """Append one vote to votes.jsonl with which model won. A blind comparison (its settings carry the
+    shown order) is mapped back to the real sides; `shown_vote` keeps what was clicked."""
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}")
     if result is None or not result.sides:
         raise ValueError("compare something first")
-    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "vote": vote, "note": note.strip(),
-           **result.record()}
+    order = result.settings.get("blind_order")
+    real = unblind(vote, order, [s.ref for s in result.sides])
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **result.record(), **real,
+           "note": note.strip(), "blind": bool(order), **({"shown_vote": vote} if order else {})}
     append_jsonl(Path(workspace) / "votes.jsonl", row)
     return row
 

@@ -19,6 +19,8 @@ from eval import compare
 from eval.display import short_name
 from eval.images import ImageError, load_image
 from eval.protocol import Request
+from eval.votes import leaderboard as votes_leaderboard
+from eval.votes import read_votes
 from studio.context import Studio
 from studio.uploads import ChartImage
 
@@ -58,6 +60,18 @@ def example_gold(image, question) -> tuple[str, dict]:
     if ex is None:
         return "", {}
     return f"**Gold:** {' | '.join(ex['answers'])} · {ex['chart_type']} · {ex['family']}", ex
+
+
+def votes_table_rows(studio: Studio):
+    """The votes leaderboard as a table: short name first, win rate and its interval, Bradley-Terry strength."""
+    import pandas as pd
+
+    board = votes_leaderboard(read_votes(studio.workspace))
+    columns = ["model", "win rate (%)", "95% CI (%)", "BT strength", "games", "wins", "losses", "ties", "both bad",
+               "model ref"]
+    return pd.DataFrame([[short_name(r["model"]), r["win_rate"], f"{r['ci95_low']:.0f}-{r['ci95_high']:.0f}",
+                          r["bt_strength"], r["games"], r["wins"], r["losses"], r["ties"], r["both_bad"], r["model"]]
+                         for r in board], columns=columns)
 
 
 def _side_panel(studio: Studio, label: str, default: str):
@@ -108,7 +122,12 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         votes = [gr.Button(v, size="sm") for v in compare.VOTES]
         note = gr.Textbox(placeholder="note (optional)", show_label=False, scale=3)
+        blind = gr.Checkbox(False, label="Blind: hide the models and shuffle the sides until the vote", scale=2)
+    blind_state = gr.State(False)
     vote_status = gr.Markdown()
+    with gr.Accordion("Votes leaderboard (workspace/votes.jsonl)", open=False):
+        votes_table = gr.Dataframe(votes_table_rows(studio), interactive=False, wrap=True)
+        votes_refresh = gr.Button("Refresh", size="sm")
     with gr.Row():
         export_button = gr.Button("Export HTML", size="sm")
         export_file = gr.File(label="Export", interactive=False)
@@ -142,7 +161,8 @@ def build(studio: Studio) -> dict:
 
     latest: dict[str, object] = {}         # session -> its newest run: a new click ends the older one
 
-    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, request: gr.Request):
+    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, blind_=False,
+                    request: gr.Request = None):
         try:
             q = compare.check_question(q)
             img = load_image(img_path) if img_path else None
@@ -158,6 +178,9 @@ def build(studio: Studio) -> dict:
                 refs.append("")           # that side reports "pick a model"; the other still runs
         request_ = Request(img, q, max_new_tokens=int(max_new), temperature=float(temp))
         settings = {"max_new_tokens": int(max_new), "temperature": float(temp)}
+        if blind_:      # shown side k runs real side order[k]; the vote maps back (eval.compare.unblind)
+            settings["blind_order"] = compare.blind_order(random.Random(time.time_ns()))
+            refs = [refs[i] for i in settings["blind_order"]]
         session, token = getattr(request, "session_hash", None) or "", object()
         latest[session] = token
         stream = compare.compare_stream(refs, request_, studio.pool, {"local": studio.local_options()}, golds)
@@ -179,10 +202,12 @@ def build(studio: Studio) -> dict:
 
     def vote(label, note_text, res):
         try:
-            compare.record_vote(studio.workspace, label, note_text or "", res)
-            return f"vote recorded: **{label}** → {studio.path('votes.jsonl')}", ""
+            row = compare.record_vote(studio.workspace, label, note_text or "", res)
         except ValueError as e:
             return f"**{e}**", note_text
+        shown = " · ".join(f"{label_} was **{short_name(s.ref)}**" for label_, s in zip("AB", res.sides))
+        reveal = f" · revealed: {shown}" if row["blind"] else ""
+        return f"vote recorded: **{label}**{reveal} → {studio.path('votes.jsonl')}", ""
 
     def export(res):
         if res is None:
@@ -216,7 +241,7 @@ def build(studio: Studio) -> dict:
     kind_a.change(pick_kind, inputs=kind_a, outputs=side_a)
     kind_b.change(pick_kind, inputs=kind_b, outputs=side_b)
     random_button.click(random_example, inputs=dataset, outputs=[image, question, gold, example])
-    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example]
+    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example, blind_state]
     outputs = [answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b, result]
     runs = [button.click(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
             for button in (run, regenerate)]
@@ -224,7 +249,12 @@ def build(studio: Studio) -> dict:
     stop.click(stopped, inputs=[stats_a, stats_b], outputs=[stats_a, stats_b], cancels=runs)
     unload_button.click(unload, outputs=pool_status)
     for button in votes:
-        button.click(vote, inputs=[button, note, result], outputs=[vote_status, note])
+        button.click(vote, inputs=[button, note, result], outputs=[vote_status, note]
+                     ).then(lambda: votes_table_rows(studio), outputs=votes_table)
+    votes_refresh.click(lambda: votes_table_rows(studio), outputs=votes_table)
+    # blind: the model pickers hide (their values still run), the sides shuffle at each Compare
+    blind.change(lambda b: (b, *[gr.update(visible=not b)] * 4), inputs=blind,
+                 outputs=[blind_state, kind_a, side_a, kind_b, side_b])
     export_button.click(export, inputs=result, outputs=export_file)
     batch_run.click(run_batch, inputs=[dataset, batch_n, batch_seed, batch_question, side_a, side_b, kind_a, kind_b,
                                        max_new_tokens], outputs=[batch_status, batch_table])
