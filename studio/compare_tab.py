@@ -251,10 +251,10 @@ def build(studio: Studio) -> dict:
     for button in votes:
         button.click(vote, inputs=[button, note, result], outputs=[vote_status, note]
                      ).then(lambda: votes_table_rows(studio), outputs=votes_table)
-    votes_refresh.click(lambda: votes_table_rows(studio), outputs=votes_table)
+    votes_refresh.click(lambda: votes_table_rows(studio), outputs=votes_table, api_name="votes_leaderboard")
     # blind: the model pickers hide (their values still run), the sides shuffle at each Compare
     blind.change(lambda b: (b, *[gr.update(visible=not b)] * 4), inputs=blind,
-                 outputs=[blind_state, kind_a, side_a, kind_b, side_b])
+                 outputs=[blind_state, kind_a, side_a, kind_b, side_b], api_name="compare_blind")
     export_button.click(export, inputs=result, outputs=export_file)
     batch_run.click(run_batch, inputs=[dataset, batch_n, batch_seed, batch_question, side_a, side_b, kind_a, kind_b,
                                        max_new_tokens], outputs=[batch_status, batch_table])

@@ -74,3 +74,22 @@ def test_every_shipped_example_carries_its_gold_answer_for_a_verdict():
         line, state = example_gold(e["image"], e["question"])
         assert line.startswith("**Gold:** ") and state["answers"] == e["answers"] and state["question"] == e["question"]
     assert example_gold(None, "a question of my own") == ("", {})
+
+
+def test_a_blind_comparison_reveals_the_sides_at_the_vote_and_records_the_winner(app):
+    import json
+
+    from gradio_client import Client
+
+    _, _, studio, url = app
+    base, tuned = f"local:{studio.base}", f"local:{studio.base}+{studio.adapter}"
+    client = Client(url, verbose=False)
+    client.predict(True, api_name="/compare_blind")
+    client.predict(None, "What is the highest value?", base, tuned, "local", "local", 4, 0.0, api_name="/run_compare")
+    status, _ = client.predict("A better", "", api_name="/vote")
+    assert "revealed: A was" in status and "B was" in status
+    row = json.loads((studio.workspace / "votes.jsonl").read_text().splitlines()[-1])
+    assert row["blind"] and row["models"] == [base, tuned] and row["winner"] in (base, tuned)
+    assert row["winner"] == row["sides"][0]["ref"]             # the side shown as A won
+    board = client.predict(api_name="/votes_leaderboard")
+    assert {"win rate (%)", "95% CI (%)", "BT strength"} <= set(board["headers"])
