@@ -6,6 +6,7 @@ import html
 
 import gradio as gr
 
+from charts import list_datasets
 from eval.display import short_name
 from studio import benchmark_tab, charts_tab, compare_tab, finetune_tab
 from studio.context import Studio
@@ -35,9 +36,9 @@ def build_app(studio: Studio) -> gr.Blocks:
             with gr.Tab("Compare", id="compare"):
                 compare = compare_tab.build(studio)
             with gr.Tab("Charts", id="charts"):
-                charts_tab.build(studio)
+                charts_parts = charts_tab.build(studio)
             with gr.Tab("Benchmark", id="benchmark"):
-                benchmark_tab.build(studio)
+                benchmark = benchmark_tab.build(studio)
             with gr.Tab("Fine-tune", id="finetune"):
                 finetune = finetune_tab.build(studio)
 
@@ -50,6 +51,13 @@ def build_app(studio: Studio) -> gr.Blocks:
             fresh = compare_tab.side_choices(studio, "local")    # this run may be newer than the page
             return (gr.Tabs(selected="compare"), gr.Dropdown(choices=fresh, value=side_a),
                     gr.Dropdown(choices=fresh, value=side_b))
+
+        # every tab reads the workspace on page load, so a reload shows what other tabs and the CLI made
+        charts_load = [(lambda: gr.Dropdown(choices=list_datasets(studio.workspace)), None, charts_parts["dataset"])]
+        for steps in (compare["on_load"], charts_load, benchmark["on_load"], finetune["on_load"]):
+            event = None
+            for fn, inputs, outputs in steps:
+                event = (app.load if event is None else event.then)(fn, inputs=inputs, outputs=outputs)
 
         finetune["compare_button"].click(
             open_in_compare, inputs=finetune["job"],

@@ -212,10 +212,14 @@ def build(studio: Studio) -> dict:
     def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress=gr.Progress()):
         return _run(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress)
 
+    def lists(newest_eval: bool = False):
+        evals = eval_choices(studio)
+        picked = {"value": evals[0][1] if evals else None} if newest_eval else {}
+        return (gr.Dropdown(choices=dataset_choices(studio)), gr.Dropdown(choices=model_choices(studio)),
+                leaderboard(studio), gr.Dropdown(choices=evals, **picked))
+
     # ---- wiring
-    refresh.click(lambda: (gr.Dropdown(choices=dataset_choices(studio)), gr.Dropdown(choices=model_choices(studio)),
-                           leaderboard(studio), gr.Dropdown(choices=eval_choices(studio))),
-                  outputs=[dataset, models, board, eval_dir])
+    refresh.click(lists, outputs=[dataset, models, board, eval_dir])
     run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens], outputs=[status, eval_dir],
               api_name="benchmark_run").then(lambda: leaderboard(studio), outputs=board)
     browse_outputs = [pairs, paired, index, image, question, answer_a, answer_b]
@@ -225,7 +229,11 @@ def build(studio: Studio) -> dict:
     outcome.input(_browse, inputs=[eval_dir, model_b, outcome], outputs=browse_outputs)  # set by code: .then above
     index.change(_show, inputs=[pairs, index], outputs=[image, question, answer_a, answer_b])
     export.click(_export, inputs=eval_dir, outputs=[csv_file, json_file, html_file], api_name="benchmark_export")
-    return {"dataset": dataset, "split": split, "limit": limit, "name": name, "models": models, "run": run,
+    # on page load (studio/app.py): the workspace as it is now, the newest eval with its plots and samples
+    on_load = [(lambda: lists(newest_eval=True), None, [dataset, models, board, eval_dir]),
+               (_select_eval, eval_dir, [family_plot, kind_plot, model_b, outcome]),
+               (_browse, [eval_dir, model_b, outcome], browse_outputs)]
+    return {"on_load": on_load, "dataset": dataset, "split": split, "limit": limit, "name": name, "models": models, "run": run,
             "status": status, "leaderboard": board, "eval_dir": eval_dir, "model_b": model_b, "outcome": outcome,
             "index": index, "image": image, "question": question, "answer_a": answer_a, "answer_b": answer_b,
             "paired": paired, "family_plot": family_plot, "kind_plot": kind_plot, "export": export,

@@ -258,5 +258,10 @@ def build(studio: Studio) -> dict:
     export_button.click(export, inputs=result, outputs=export_file)
     batch_run.click(run_batch, inputs=[dataset, batch_n, batch_seed, batch_question, side_a, side_b, kind_a, kind_b,
                                        max_new_tokens], outputs=[batch_status, batch_table])
-    return {"side_a": side_a, "side_b": side_b, "image": image, "question": question,
+    def lists():     # adapters, endpoints, datasets and votes made since the studio started
+        models = [c for k in compare.KINDS for c in side_choices(studio, k)]
+        return (gr.Dropdown(choices=models), gr.Dropdown(choices=models), gr.Dropdown(choices=_datasets(studio)),
+                votes_table_rows(studio))
+
+    return {"on_load": [(lists, None, [side_a, side_b, dataset, votes_table])], "side_a": side_a, "side_b": side_b, "image": image, "question": question,
             "kind_a": kind_a, "kind_b": kind_b, "answer_a": answer_a, "answer_b": answer_b, "run": run}

@@ -194,11 +194,15 @@ def build(studio: Studio) -> dict:
     load_btn.click(load_yaml, yaml_path, form)
     estimate_btn.click(estimate, sm_inputs, cmd_out)
     launch_btn.click(launch, [target, gpus, run_name] + sm_inputs + form, [cmd_out, jobs, job_box])
-    refresh_btn.click(lambda: _jobs_table(workspace), None, jobs)
+    def lists():     # jobs started elsewhere (CLI, another tab, before a reload) appear in the table and the picker
+        return (_jobs_table(workspace), gr.Dropdown(choices=list(read_jobs(workspace))),
+                gr.Dropdown(choices=_datasets(workspace)))
+
+    refresh_btn.click(lists, None, [jobs, job_box, dataset_box])
     stop_btn.click(stop, [job_box] + sm_inputs, jobs)
     job_box.change(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
     timer.tick(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
-    return {"inputs": inputs, "preset": preset_box, "dataset": dataset_box, "jobs": jobs, "job": job_box,
+    return {"on_load": [(lists, None, [jobs, job_box, dataset_box])], "inputs": inputs, "preset": preset_box, "dataset": dataset_box, "jobs": jobs, "job": job_box,
             "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn,
             "compare_adapter": compare_adapter, "compare_button": compare_btn}   # wired in studio/app.py
 
