@@ -30,11 +30,13 @@ def _progress_bar(done: int, total: int, info: dict) -> None:
 
 
 def cmd_run(args) -> int:
+    from eval.backends import opener
     from eval.run import run_eval
     summaries = run_eval(args.data, args.model, args.out, split=args.split, images=args.images, limit=args.limit,
                          prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, concurrency=args.concurrency, metrics=tuple(args.metrics),
-                         on_progress=None if args.quiet else _progress_bar)
+                         on_progress=None if args.quiet else _progress_bar,
+                         open_backend=opener(args.workspace, wire=args.wire))
     metrics = list(args.metrics)
     print(f"{'model':40s} {'n':>6s} " + " ".join(f"{m:>12s}" for m in metrics) + f" {'samples/s':>10s}")
     for s in summaries:
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=int, help="requests in flight for endpoints (default 4)")
     run.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(METRICS))
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--workspace", default="workspace", help="its endpoints.json gives deployed endpoints' wire")
+    run.add_argument("--wire", choices=("seed", "openai"), help="wire format of sagemaker: endpoints deployed "
+                     "elsewhere (default: as recorded in endpoints.json, else seed)")
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="paired comparison of two model runs on the same questions")
