@@ -76,9 +76,13 @@ def main(argv=None) -> int:
         if not args.yes and input("Create this endpoint? It bills until deleted. [y/N] ").strip().lower() != "y":
             print("not deployed")
             return 1
-        record = pkg.deploy(args.model, args.name, args.role, args.bucket, args.workspace, args.instance_type,
-                            args.count, args.image, args.region, wait=args.wait, endpoint_url=args.endpoint_url,
-                            target=args.target)
+        try:
+            record = pkg.deploy(args.model, args.name, args.role, args.bucket, args.workspace, args.instance_type,
+                                args.count, args.image, args.region, wait=args.wait, endpoint_url=args.endpoint_url,
+                                target=args.target)
+        except ValueError as e:           # a bad name, a byoc target without --image: before anything is created
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"endpoint {record['name']} created ({record['target']}, wire {record['wire']}, "
               f"{'streams' if record['streams'] else 'no streaming'}); delete it with: python -m training.serving delete {record['name']}")
     elif args.command == "endpoints":
