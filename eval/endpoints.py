@@ -172,6 +172,9 @@ class SSEDecoder:
         if not self.events and len(self.raw) < MAX_RAW:
             self.raw += chunk[:MAX_RAW - len(self.raw)]
         self.buffer += chunk.replace(b"\r\n", b"\n")
+        return self._drain()
+
+    def _drain(self) -> list[str]:
         pieces = []
         while not self.done and b"\n\n" in self.buffer:
             event, self.buffer = self.buffer.split(b"\n\n", 1)
@@ -183,8 +186,11 @@ class SSEDecoder:
     def close(self) -> list[str]:
         """A final event without its blank line (some servers end that way); a body with no events at all
         is parsed as a whole answer (or raises what is wrong with it)."""
-        rest, self.buffer = self.buffer, b""
-        pieces = self.feed(rest + b"\n\n") if rest.strip() and not self.done else []
+        pieces = []
+        if self.buffer.strip() and not self.done:
+            self.buffer += b"\n\n"
+            pieces = self._drain()
+        self.buffer = b""
         if self.events or self.done:
             return pieces
         raw = bytes(self.raw).strip()

@@ -194,3 +194,46 @@ def test_compare_streams_the_endpoint_and_the_local_model_side_by_side(server, m
     assert not endpoint.error and not local.error
     assert endpoint.text == local.text == LocalBackend(str(demo_model), model_dir).generate([request_])[0]
     assert len(updates) > 2                          # token by token, not one final update
+
+
+def test_an_endpoint_that_cannot_stream_yields_its_whole_answer_once(server, model_dir, demo_model, request_):
+    expected = LocalBackend(str(demo_model), model_dir).generate([request_])[0]
+    backend = SageMakerBackend("chartqa", endpoint_url=server.url, streams=False)
+    assert backend.streams is False and OpenAIBackend(server.url + "/v1", "m").streams is True
+    assert list(backend.stream(request_)) == [expected]
+
+
+def _wire_recorder(seen):
+    from training.serving import inference
+
+    def input_fn(body, content_type="application/json"):
+        data = inference.input_fn(body, content_type)
+        seen.append(data["wire"])
+        return data
+
+    def predict_fn(data, model):
+        return {"wire": data["wire"], "text": "42", "model": "m", "created": 0}
+    return {"input_fn": input_fn, "predict_fn": predict_fn}
+
+
+def test_eval_run_uses_the_recorded_wire_or_the_wire_flag(tmp_path, monkeypatch):
+    from eval.__main__ import main
+    from test_eval_run import make_chartqa
+
+    seen = []
+    srv = served(None, **_wire_recorder(seen))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", srv.url)
+    data = make_chartqa(tmp_path / "chartqa", n=2)
+    try:
+        (tmp_path / "ws").mkdir()
+        (tmp_path / "ws" / "endpoints.json").write_text(json.dumps([{"name": "vllm-ep", "wire": "openai",
+                                                                     "streams": True}]))
+        assert main(["run", "--data", str(data), "--model", "sagemaker:vllm-ep", "--out", str(tmp_path / "a"),
+                     "--workspace", str(tmp_path / "ws"), "--quiet"]) == 0
+        assert seen and set(seen) == {"openai"}
+        seen.clear()
+        assert main(["run", "--data", str(data), "--model", "sagemaker:elsewhere", "--out", str(tmp_path / "b"),
+                     "--workspace", str(tmp_path / "ws"), "--wire", "openai", "--quiet"]) == 0
+        assert seen and set(seen) == {"openai"}
+    finally:
+        srv.shutdown()
