@@ -104,7 +104,8 @@ def test_each_targets_create_requests_have_the_exact_shape(target, image, model_
         stub.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/ep-1-model"}, {
             "ModelName": "ep-1-model", "ExecutionRoleArn": ROLE,
             "PrimaryContainer": {"Image": image_uri, "ModelDataUrl": data, "Environment": env}})
-        stub.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/c"}, {
+        config_arn = {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:endpoint-config/c"}
+        stub.add_response("create_endpoint_config", config_arn, {
             "EndpointConfigName": "ep-1-config", "ProductionVariants": [{
                 "VariantName": "AllTraffic", "ModelName": "ep-1-model", "InstanceType": "ml.g5.2xlarge",
                 "InitialInstanceCount": 1, "ContainerStartupHealthCheckTimeoutInSeconds": 1800,
@@ -122,7 +123,8 @@ def test_the_recorded_wire_and_streaming_open_the_endpoint_that_way(tmp_path):
     from eval.backends import open_backend
     from eval.endpoints import endpoint_options
     pkg.save_records(tmp_path, [
-        {"name": "tk", "ref": "sagemaker:tk", "target": "hf-toolkit", "wire": "seed", "streams": False, "region": "eu-west-1"},
+        {"name": "tk", "ref": "sagemaker:tk", "target": "hf-toolkit", "wire": "seed", "streams": False,
+         "region": "eu-west-1"},
         {"name": "vl", "ref": "sagemaker:vl", "target": "byoc", "wire": "openai", "streams": True},
         {"name": "old", "image": pkg.DEFAULT_IMAGE, "wire": "seed"}])        # recorded before targets existed
     assert endpoint_options(tmp_path, "sagemaker:tk") == {"wire": "seed", "streams": False, "region": "eu-west-1"}

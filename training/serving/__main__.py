@@ -84,7 +84,8 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"endpoint {record['name']} created ({record['target']}, wire {record['wire']}, "
-              f"{'streams' if record['streams'] else 'no streaming'}); delete it with: python -m training.serving delete {record['name']}")
+              f"{'streams' if record['streams'] else 'no streaming'}); "
+              f"delete it with: python -m training.serving delete {record['name']}")
     elif args.command == "endpoints":
         rows = pkg.list_endpoints(args.workspace, refresh=not args.no_refresh, endpoint_url=args.endpoint_url)
         if not rows:

@@ -40,7 +40,8 @@ DEFAULT_IMAGE = ("763104351884.dkr.ecr.{region}.amazonaws.com/huggingface-pytorc
 TARGETS = {
     "hf-toolkit": {
         "image": DEFAULT_IMAGE, "streams": False, "wire": "seed",
-        "environment": {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "3600", "SAGEMAKER_STARTUP_TIMEOUT": "1200",
+        "environment": {"SAGEMAKER_PROGRAM": "inference.py", "SAGEMAKER_MODEL_SERVER_TIMEOUT": "3600",
+                        "SAGEMAKER_STARTUP_TIMEOUT": "1200",
                         "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "SAGEMAKER_CONTAINER_LOG_LEVEL": "20",
                         "STUDIO_STREAMING": "0", "TOKENIZERS_PARALLELISM": "false"},
         "about": "Hugging Face inference DLC + toolkit (MMS): whole answers only, no response streaming"},
