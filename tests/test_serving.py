@@ -200,3 +200,18 @@ def test_byoc_container_invocations_stream_chunked_as_sagemaker_reads_them(byoc,
 def test_image_url_that_fails_is_a_400_not_a_dropped_connection(byoc, request_):
     status, body = post(byoc + "/invocations", {"question": "q", "image": byoc + "/no-such-image.png"})
     assert status == 400 and b"HTTP 404" in body
+
+
+def test_output_follows_accept_and_never_hands_mms_a_generator(monkeypatch):
+    def prediction(stream):
+        base = {"wire": "seed", "model": "m", "created": 0}
+        return {**base, "stream": iter(["4", "2"])} if stream else {**base, "text": "42"}
+    assert json.loads(inference.output_fn(prediction(False), "application/json"))["answer"] == "42"
+    assert inference.output_fn(prediction(False), "text/plain") == "42"
+    assert inference.output_fn(prediction(True), "application/json") == json.dumps({"answer": "42", "generated_text": "42"})
+    assert not isinstance(inference.output_fn(prediction(True), "text/event-stream"), (bytes, str))   # streams here
+    monkeypatch.setenv("STUDIO_STREAMING", "0")                       # the hf-toolkit target
+    whole = inference.output_fn(prediction(True), "text/event-stream")
+    assert isinstance(whole, bytes) and whole.endswith(b"data: [DONE]\n\n") and b'"text": "42"' in whole
+    with pytest.raises(inference.BadRequest, match="Accept 'image/png' is not supported"):
+        inference.output_fn(prediction(False), "image/png")
