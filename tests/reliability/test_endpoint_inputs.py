@@ -175,6 +175,8 @@ def test_non_http_openai_base_urls_are_refused(url):
     ("file:///etc/passwd", "scheme 'file' is refused"),
     ("ftp://127.0.0.1/chart.png", "scheme 'ftp' is refused"),
     ("http://169.254.169.254/latest/meta-data/", "is refused"),      # the instance metadata service
+    ("http://[::ffff:169.254.169.254]/latest/", "is refused"),
+    ("http://[fd00:ec2::254]/latest/", "is refused"),
 ])
 def test_serving_handler_refuses_non_http_and_metadata_image_urls(image, message):
     with pytest.raises(inference.BadRequest, match=message):

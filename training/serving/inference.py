@@ -13,6 +13,7 @@ so it must import nothing from training/.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -52,6 +53,7 @@ def model_fn(model_dir, context=None) -> dict:
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024
 URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+METADATA_HOSTS = {ipaddress.ip_address("fd00:ec2::254")}    # IMDS over IPv6 (not link-local)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -64,7 +66,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 def _check_image_url(url: str) -> None:
     """Only http(s) to a routable or loopback host: never file:, ftp: or the link-local metadata service,
     which would hand the endpoint's own credentials to whoever chose the URL."""
-    import ipaddress
     import socket
     from urllib.parse import urlsplit
 
@@ -77,7 +78,8 @@ def _check_image_url(url: str) -> None:
         raise BadRequest(f"image URL {url}: cannot resolve {parts.hostname} ({e})") from None
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if address.is_link_local or address.is_multicast or address.is_unspecified:
+        address = getattr(address, "ipv4_mapped", None) or address
+        if address.is_link_local or address.is_multicast or address.is_unspecified or address in METADATA_HOSTS:
             raise BadRequest(f"image URL {url}: host {parts.hostname} ({address}) is refused")
 
 
