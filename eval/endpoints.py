@@ -370,6 +370,7 @@ class SageMakerBackend:
         body = json.dumps(build_payload(request, self.wire, stream=True)).encode()
         response = self._call("invoke_endpoint_with_response_stream", Body=body,
                               ContentType="application/json", Accept="text/event-stream")
+
         def parts():
             for event in response["Body"]:
                 part = event.get("PayloadPart")
