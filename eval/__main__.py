@@ -32,11 +32,13 @@ def _progress_bar(done: int, total: int, info: dict) -> None:
 def cmd_run(args) -> int:
     """Exit 0 when every sample of every model was scored; 1 when a model could not be opened, or when
     samples failed (missing image, backend error ...) unless --allow-errors; 2 for bad arguments or data."""
+    from eval.backends import opener
     from eval.run import run_eval
     summaries = run_eval(args.data, args.model, args.out, split=args.split, images=args.images, limit=args.limit,
                          prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, concurrency=args.concurrency, metrics=tuple(args.metrics),
-                         on_progress=None if args.quiet else _progress_bar)
+                         on_progress=None if args.quiet else _progress_bar,
+                         open_backend=opener(args.workspace, wire=args.wire))
     print(format_table(summaries, list(args.metrics)))
     print(f"written to {args.out}")
     failed = False
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-errors", action="store_true",
                      help="exit 0 even when samples failed (they are scored wrong and counted in n_errors)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--workspace", default="workspace", help="its endpoints.json gives deployed endpoints' wire")
+    run.add_argument("--wire", choices=("seed", "openai"), help="wire format of sagemaker: endpoints deployed "
+                     "elsewhere (default: as recorded in endpoints.json, else seed)")
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="paired comparison of two model runs on the same questions")

@@ -181,6 +181,7 @@ class Engine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.fast = model.config.model_type == "llava" and hasattr(model, "lm_head")
         self.generator = None
+        self.fallback_reason = None
         if self.fast:
             self.image_tokens = self._count_image_tokens()
             image_part = self.image_tokens + 128
@@ -208,9 +209,17 @@ class Engine:
         return int((ids == self.model.config.image_token_id).sum())
 
     def warm_up(self, say=lambda _msg: None) -> None:
-        """Run each captured batch shape once (graph capture), so no user's first click pays for it."""
+        """Run each captured batch shape once (graph capture), so no user's first click pays for it.
+        If the batched path fails on this model or transformers version, fall back to model.generate."""
         from PIL import Image
         image = Image.new("RGB", (32, 32), "white")
+        if self.generator is not None:
+            try:
+                self.generate([Request(image, "warm up", max_new_tokens=2)], [0], {"min_new_tokens": 2})
+            except Exception as e:  # noqa: BLE001 - recorded, shown in the header
+                self.fallback_reason = f"{type(e).__name__}: {e}"[:300]
+                self.generator = None
+                say(f"batched decoding failed ({self.fallback_reason}); using model.generate")
         shapes = (1, 2) if self.generator is not None and self.generator.use_graphs else (1,)
         modes = [0] + ([max(self.slots.values())] if self.slots else [])
         for slot in modes:
@@ -222,6 +231,8 @@ class Engine:
         precision = "4-bit nf4" if self.quantize == "4bit" else ("bf16" if self.device.startswith("cuda") else "fp32")
         decode = "CUDA graphs" if self.generator is not None and self.generator.use_graphs and \
             self.generator.graph_error is None else ("eager" if self.generator is not None else "model.generate")
+        if self.fallback_reason:
+            decode += f" ({self.fallback_reason})"
         return f"{precision} ({self.precision_reason}), decode: {decode}"
 
     # ---- adapters ----

@@ -77,6 +77,7 @@ class ModelPool:
             raise ValueError(f"unknown backend {ref.kind!r} in {str(ref)!r}: expected one of {', '.join(BACKENDS)}")
         options = {**ref.options, **options}
         if ref.kind == "local":
+            options.pop("workspace", None)
             engine_options = {k: v for k, v in options.items() if k in LOCAL_OPTIONS}
             extra = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS}
             engine = self.engine(ref.target, on_progress=on_progress, **engine_options)

@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no job {args.job!r} in {args.workspace}/jobs.jsonl", file=sys.stderr)
             return 2
         launcher = table[job["kind"]]
-        print(launcher.logs(job, args.tail) if args.command == "logs" else launcher.stop(job)["status"])
+        try:
+            result = launcher.logs(job, args.tail) if args.command == "logs" else launcher.stop(job)
+        except ValueError as e:           # e.g. SageMaker refused: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(result if isinstance(result, str) else result.get("message") or result["status"])
     return 0
 
 
