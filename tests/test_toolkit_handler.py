@@ -16,7 +16,7 @@ pytest.importorskip("sagemaker_huggingface_inference_toolkit",
 pytest.importorskip("mms.service", reason="pip install --no-deps -r requirements-toolkit.txt")
 
 from eval.endpoints import build_payload  # noqa: E402
-from eval.local import LocalBackend  # noqa: E402
+from eval.backends import open_backend  # noqa: E402
 from eval.protocol import Request  # noqa: E402
 from test_local_backend import make_adapter  # noqa: E402
 from training.serving.package import REQUIREMENTS, TARGETS, package, unpack  # noqa: E402
