@@ -286,13 +286,27 @@ def test_a_restart_without_a_checkpoint_says_so_and_starts_a_fresh_curve(demo_mo
 
 
 # ---------------------------------------------------------------- relaunch continues the job
-def test_a_stopped_job_resumed_from_the_launcher_continues_its_run(demo_model, data, tmp_path, monkeypatch):
+def _tab_resume(workspace: Path, demo_model):
+    """The Fine-tune tab's Resume button handler, as the browser triggers it."""
+    import gradio as gr
+
+    from studio.context import Studio
+    from studio.finetune_tab import build
+
+    with gr.Blocks() as demo:
+        parts = build(Studio(workspace, str(demo_model)))
+    button = parts["resume"]._id
+    return next(f.fn for f in demo.fns.values() if (button, "click") in f.targets)
+
+
+def test_a_stopped_job_resumed_from_the_tab_continues_its_run(demo_model, data, tmp_path, monkeypatch):
     from training.launchers import LocalLauncher, read_jobs
 
     for k, v in _env().items():
         monkeypatch.setenv(k, v)
+    workspace = tmp_path / "ws"
     cfg = preset("demo-cpu", model=str(demo_model), data=str(data), **{**RUN, "max_steps": 12})
-    launcher = LocalLauncher(tmp_path / "ws")
+    launcher = LocalLauncher(workspace)
     job = launcher.start(cfg, name="resumable")
     run = Path(job["output_dir"])
     deadline = time.time() + 90
@@ -300,17 +314,33 @@ def test_a_stopped_job_resumed_from_the_launcher_continues_its_run(demo_model, d
         assert launcher.status(job)["status"] == "running", launcher.logs(job)
         time.sleep(0.02)
     assert launcher.stop(job, grace=60)["status"] == "stopped"
-    again = LocalLauncher(tmp_path / "ws").resume(job["id"])
-    assert again["id"] == job["id"] and again["output_dir"] == job["output_dir"] and again["status"] == "running"
+    message, _table = _tab_resume(workspace, demo_model)(job["id"])
+    assert message == f"# resumed {job['id']}"
+    again = read_jobs(workspace)[job["id"]]
+    assert again["output_dir"] == job["output_dir"] and again["status"] == "running" and again["resumes"] == 1
     deadline = time.time() + 120
     while (status := launcher.status(again))["status"] == "running" and time.time() < deadline:
         time.sleep(0.3)
     assert status["status"] == "completed", launcher.logs(again)
     assert "resuming from" in launcher.logs(again, 400)
     assert _steps(run) == list(range(1, 13))          # one curve from step 1 to 12, nothing restarted
-    assert len(read_jobs(tmp_path / "ws")) == 1
-    with pytest.raises(ValueError, match="completed"):
+    assert len(read_jobs(workspace)) == 1
+    with pytest.raises(ValueError, match="completed: nothing to resume"):
         launcher.resume(job["id"])
+
+
+def test_resume_from_the_shell_refuses_an_unknown_or_running_job_in_one_line(tmp_path, capsys, monkeypatch):
+    import training.__main__ as cli
+    import training.launchers as launchers
+    from training.launchers import record
+
+    assert cli.main(["--workspace", str(tmp_path), "resume", "nope"]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err
+    record(tmp_path, {"id": "live", "kind": "local", "status": "running", "pid": os.getpid(), "config": "x",
+                      "output_dir": str(tmp_path / "runs" / "live"), "log": str(tmp_path / "log"), "created": 1})
+    monkeypatch.setattr(launchers, "_alive", lambda pid, marker: True)
+    assert cli.main(["--workspace", str(tmp_path), "resume", "live"]) == 2
+    assert capsys.readouterr().err.strip() == "error: job live is still running"
 
 
 def test_parse_args_lets_flags_fix_a_yaml_value_the_flags_override(tmp_path):
