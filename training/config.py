@@ -85,8 +85,8 @@ class TrainConfig:
     save_steps: int = _f(50, "Checkpoint every N steps.", group="eval")
     save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted).", group="eval")
     logging_steps: int = _f(5, "Log loss and learning rate every N steps.", group="eval")
-    resume: str = _f("auto", "auto: continue from the newest checkpoint if any; never: start over; or a "
-                             "checkpoint folder.", group="eval")
+    resume: str = _f("auto", "auto: continue from the newest complete checkpoint if any; never: start over; "
+                             "or a checkpoint folder.", group="eval")
     seed: int = _f(42, "Random seed (data order, LoRA init).", group="eval")
     max_train_samples: int = _f(0, "Use only the first N training samples (0: all).", group="eval")
 

@@ -9,8 +9,10 @@ Reads top to bottom: config -> model (+4-bit, +LoRA) -> data -> train -> save. T
 OUTPUT/adapter/ (PEFT adapter; the projector rides along through `modules_to_save`, so
 `disable_adapter()` gives the base back), its train_config.yaml and a model card. OUTPUT/metrics.jsonl has
 one line per log. SIGTERM (Ctrl-C, `stop`, a spot interruption) saves a checkpoint and exits 143; running
-again continues from it (`--resume auto`, the default). On SageMaker the same script reads
-SM_CHANNEL_TRAIN / SM_MODEL_DIR / SM_OUTPUT_DATA_DIR and checkpoints to /opt/ml/checkpoints.
+again continues from the newest complete checkpoint (`--resume auto`, the default; training.checkpoints)
+with the data order and RNG states of the uninterrupted run, so both end with the same adapter. On
+SageMaker the same script reads SM_CHANNEL_TRAIN / SM_MODEL_DIR / SM_OUTPUT_DATA_DIR and checkpoints to
+/opt/ml/checkpoints.
 """
 from __future__ import annotations
 
@@ -221,6 +223,9 @@ def _trainer_class():
         def _save_checkpoint(self, model, trial):
             # Rotation waits until the new checkpoint is marked complete: HF rotates inside its save, so a
             # kill between the two could leave only an unmarked newest checkpoint (save_total_limit 1).
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                (folder / COMPLETE_MARKER).unlink(missing_ok=True)    # saved again (SIGTERM on a save step)
             limit = self.args.save_total_limit
             self.args.save_total_limit = None
             try:
@@ -229,7 +234,6 @@ def _trainer_class():
                 self.args.save_total_limit = limit
             if self.args.world_size > 1:
                 self.accelerator.wait_for_everyone()      # every rank's shards are on disk
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
             if self.args.should_save:
                 atomic_write_json(folder / COMPLETE_MARKER, {"step": self.state.global_step, "time": time.time()})
                 rotate_checkpoints(output_dir=str(folder.parent), save_total_limit=limit,
@@ -338,10 +342,11 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     ckpt_dir = paths["checkpoints"]
     main_process = int(env.get("RANK", "0")) == 0
     if main_process:
+        (out / "result.json").unlink(missing_ok=True)     # it describes an earlier attempt, not this one
         if cfg.overwrite:
-            # A fresh run gets a fresh curve, and the old run's checkpoints must not be resumed later.
-            paths["metrics"].unlink(missing_ok=True)
-            remove_checkpoints(ckpt_dir)
+            paths["metrics"].unlink(missing_ok=True)      # a fresh run gets a fresh curve
+            if cfg.resume in ("auto", "never"):
+                remove_checkpoints(ckpt_dir)            # never to be resumed by a later run of this folder
         set_aside_incomplete(ckpt_dir)
     try:
         resume = choose_resume(cfg, ckpt_dir, say=print if main_process else (lambda *_: None))
