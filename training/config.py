@@ -123,7 +123,8 @@ class TrainConfig:
             except ConfigError:
                 raise
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"{k}: {v!r} is not a {type(known[k].default).__name__} ({e})") from None
+                kind = {int: "an integer", float: "a number"}.get(type(known[k].default), "text")
+                raise ConfigError(f"{k}: {v!r} is not {kind}") from None
         return cls(**values)
 
     def to_yaml(self, path: str | Path | None = None) -> str:

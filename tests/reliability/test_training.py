@@ -164,6 +164,22 @@ def test_a_missing_config_file_says_so_instead_of_parsing_its_name(tmp_path, cap
     assert TrainConfig.from_yaml("lora_r: 8").lora_r == 8          # YAML text still parses as text
 
 
+@pytest.mark.parametrize("text, says", [
+    ("- lora_r\n- 8\n", "a config is a mapping of TrainConfig fields, got list"),
+    ("lora_r: [8\n", "config is not valid YAML"),
+    ("lora_r: eight\n", "lora_r: 'eight' is not an integer"),
+    ("gradient_checkpointing: maybe\n", "expected true or false, got 'maybe'"),
+])
+def test_a_malformed_yaml_config_is_one_line_saying_what_is_wrong(text, says, tmp_path, capsys):
+    from training.train import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1
+
+
 def test_the_form_refuses_a_bad_value_before_launching(tmp_path):
     from studio.finetune_tab import _config
 
