@@ -43,9 +43,10 @@ def open_backend(ref: ModelRef | str, pool=None, **options) -> Backend:
     return (pool or ModelPool()).backend(ref, **options)
 
 
-def opener(workspace=None, wire: str | None = None, pool=None):
+def opener(workspace=None, wire: str | None = None, pool=None, local: dict | None = None):
     """`open_backend` for a run, through one pool (so a base loads once for all its adapters): endpoints
-    as recorded in `workspace`, and `wire` (for endpoints deployed elsewhere) applied to `sagemaker:` refs."""
+    as recorded in `workspace`, `wire` (for endpoints deployed elsewhere) applied to `sagemaker:` refs,
+    `local` options (e.g. quantize) to local ones."""
     from eval.pool import ModelPool
     if wire is not None and wire not in WIRES:
         raise ValueError(f"wire={wire!r}: expected one of {', '.join(WIRES)}")
@@ -53,6 +54,7 @@ def opener(workspace=None, wire: str | None = None, pool=None):
 
     def open_ref(ref, **options):
         kind = ref.kind if isinstance(ref, ModelRef) else str(ref).split(":", 1)[0]
-        extra = {"workspace": workspace, **({"wire": wire} if wire else {})} if kind == "sagemaker" else {}
+        extra = {"workspace": workspace, **({"wire": wire} if wire else {})} if kind == "sagemaker" else \
+            dict(local or {}) if kind == "local" else {}
         return pool.backend(ref, **{**extra, **options})
     return open_ref

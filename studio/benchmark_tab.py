@@ -15,6 +15,8 @@ import pandas as pd
 
 from charts.io import inside, read_jsonl
 from eval import compare
+from eval.backends import opener
+from eval.endpoints import WIRES
 from eval.images import ImageError, load_image
 from eval.paired import compare_runs
 from eval.report import bar_chart, leaderboard_rows, write_reports
@@ -90,7 +92,7 @@ def _show(pairs: list, index: int):
 
 
 # ---------------------------------------------------------------- callbacks
-def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, progress=gr.Progress()):
+def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, progress=gr.Progress(), wire="recorded"):
     try:     # a typed dataset path must lie in the workspace, like every path from the browser
         dataset = str(inside(studio.workspace, dataset)) if dataset else dataset
     except ValueError as e:
@@ -108,7 +110,8 @@ def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, pr
     try:
         summaries = run_eval(dataset, list(models), out, split=None if split == "all" else split,
                              limit=int(limit) or None, prompt_suffix=suffix, max_new_tokens=int(max_new_tokens),
-                             on_progress=report)
+                             on_progress=report, open_backend=opener(studio.workspace, None if wire == "recorded" else wire,
+                                                                     studio.pool, studio.local_options()))
     except (DatasetError, RunMismatch, ValueError, FileNotFoundError) as e:
         if out.is_dir() and not any(out.iterdir()):   # refused before it wrote anything: leave no empty folder
             out.rmdir()
@@ -162,6 +165,8 @@ def build(studio: Studio) -> dict:
         with gr.Row():
             suffix = gr.Textbox(DEFAULT_SUFFIX, label="Prompt suffix (appended to each question)", scale=4)
             max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, label="max_new_tokens", scale=1)
+            wire = gr.Dropdown(["recorded", *WIRES], value="recorded", label="Endpoint wire", scale=1,
+                               info="sagemaker models: as recorded at deploy, or the format of one deployed elsewhere")
     run = gr.Button("Run benchmark", variant="primary")
     status = gr.Markdown()
     board = gr.Dataframe(leaderboard(studio), label="Leaderboard (workspace/evals)", interactive=False)
@@ -192,14 +197,14 @@ def build(studio: Studio) -> dict:
         html_file = gr.DownloadButton("HTML", value=None)
     pairs = gr.State([])
 
-    def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress=gr.Progress()):
-        return _run(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress)
+    def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, wire_, progress=gr.Progress()):
+        return _run(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress, wire_)
 
     # ---- wiring
     refresh.click(lambda: (gr.Dropdown(choices=dataset_choices(studio)), gr.Dropdown(choices=model_choices(studio)),
                            leaderboard(studio), gr.Dropdown(choices=eval_choices(studio))),
                   outputs=[dataset, models, board, eval_dir])
-    run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens], outputs=[status, eval_dir],
+    run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens, wire], outputs=[status, eval_dir],
               api_name="benchmark_run").then(lambda: leaderboard(studio), outputs=board)
     browse_outputs = [pairs, paired, index, image, question, answer_a, answer_b]
     eval_dir.change(_select_eval, inputs=eval_dir, outputs=[family_plot, kind_plot, model_b]

@@ -16,6 +16,7 @@ from charts import list_datasets
 from charts import random_example as charts_random_example
 from charts.io import inside
 from eval import compare
+from eval.endpoints import WIRES
 from eval.images import ImageError, load_image
 from eval.protocol import Request
 from studio.context import Studio
@@ -28,6 +29,12 @@ BACKEND_HELP = {"local": "a hub id or folder, or BASE+ADAPTER_DIR", "sagemaker":
 
 def _choices(studio: Studio, kind: str) -> list[str]:
     return [c for c in compare.model_choices(studio.workspace, studio.base, studio.adapter) if c.startswith(kind + ":")]
+
+
+def _max_new_tokens(studio: Studio) -> int:
+    """What the loaded base's context leaves for an answer after the image and a question (at most 512)."""
+    room = [e["answer_room"] for e in studio.pool.loaded() if e.get("answer_room")]
+    return max(16, min([512] + room))
 
 
 def _datasets(studio: Studio) -> list[str]:
@@ -72,8 +79,10 @@ def build(studio: Studio) -> dict:
                                       label="Dataset for examples", scale=3)
                 random_button = gr.Button("Random example", scale=1)
             with gr.Row():
-                max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                max_new_tokens = gr.Slider(1, _max_new_tokens(studio), value=64, step=1, label="Max new tokens")
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                wire = gr.Dropdown(["recorded", *WIRES], value="recorded", label="Endpoint wire",
+                                   info="sagemaker sides: as recorded at deploy, or the format of one deployed elsewhere")
             with gr.Row():
                 run = gr.Button("Compare", variant="primary")
                 regenerate = gr.Button("Regenerate")
@@ -120,7 +129,7 @@ def build(studio: Studio) -> dict:
 
     latest: dict[str, object] = {}         # session -> its newest run: a new click ends the older one
 
-    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, request: gr.Request):
+    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, wire_, request: gr.Request):
         try:
             q = compare.check_question(q)
             img = load_image(img_path) if img_path else None
@@ -138,7 +147,7 @@ def build(studio: Studio) -> dict:
         settings = {"max_new_tokens": int(max_new), "temperature": float(temp)}
         session, token = getattr(request, "session_hash", None) or "", object()
         latest[session] = token
-        stream = compare.compare_stream(refs, request_, studio.pool, {"local": studio.local_options()}, golds)
+        stream = compare.compare_stream(refs, request_, studio.pool, studio.backend_options(wire_), golds)
         try:
             for sides in stream:
                 if latest.get(session) is not token:
@@ -175,14 +184,14 @@ def build(studio: Studio) -> dict:
         count = studio.pool.unload()
         return f"unloaded {count} model(s); the next Compare loads what it needs"
 
-    def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, progress=gr.Progress()):
+    def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, wire_, progress=gr.Progress()):
         try:
             examples = compare.sample_examples(inside(studio.path("datasets"), name or ""), int(n), int(seed))
             refs = [compare.to_ref(ref_a, kind_a_, studio.base), compare.to_ref(ref_b, kind_b_, studio.base)]
             q = compare.check_question(q) if q and q.strip() else None
         except Exception as e:           # noqa: BLE001
             return f"**{e}**", None
-        rows = compare.batch_compare(refs, examples, q, studio.pool, int(max_new), {"local": studio.local_options()},
+        rows = compare.batch_compare(refs, examples, q, studio.pool, int(max_new), studio.backend_options(wire_),
                                      on_progress=lambda side, done, total: progress(done / total, desc=f"side {side}"))
         import pandas as pd
         return f"{len(rows)} examples · A = {refs[0]} · B = {refs[1]}", pd.DataFrame(rows)
@@ -191,7 +200,7 @@ def build(studio: Studio) -> dict:
     kind_a.change(pick_kind, inputs=kind_a, outputs=side_a)
     kind_b.change(pick_kind, inputs=kind_b, outputs=side_b)
     random_button.click(random_example, inputs=dataset, outputs=[image, question, gold, example])
-    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example]
+    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example, wire]
     outputs = [answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b, result]
     runs = [button.click(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
             for button in (run, regenerate)]
@@ -202,6 +211,6 @@ def build(studio: Studio) -> dict:
         button.click(vote, inputs=[button, note, result], outputs=[vote_status, note])
     export_button.click(export, inputs=result, outputs=export_file)
     batch_run.click(run_batch, inputs=[dataset, batch_n, batch_seed, batch_question, side_a, side_b, kind_a, kind_b,
-                                       max_new_tokens], outputs=[batch_status, batch_table])
+                                       max_new_tokens, wire], outputs=[batch_status, batch_table])
     return {"side_a": side_a, "side_b": side_b, "image": image, "question": question,
             "kind_a": kind_a, "kind_b": kind_b, "answer_a": answer_a, "answer_b": answer_b, "run": run}
