@@ -68,7 +68,8 @@ def build(studio: Studio) -> dict:
         kind_a, side_a, answer_a, verdict_a, stats_a = _side_panel(studio, "A", default_a)
         kind_b, side_b, answer_b, verdict_b, stats_b = _side_panel(studio, "B", default_b)
     with gr.Row():
-        image = ChartImage(label="Chart", height=320, scale=2)     # the raw upload, checked by load_image
+        image = ChartImage(type="filepath", sources=["upload", "clipboard"], label="Chart", height=320,
+                           scale=2)     # the raw upload, checked by load_image
         with gr.Column(scale=3):
             question = gr.Textbox(label="Question", lines=2, max_lines=6,
                                   placeholder="e.g. What is the value of the highest bar?")
