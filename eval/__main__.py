@@ -5,7 +5,8 @@
     python -m eval run --data "ChartQA Dataset/test" --model openai:http://localhost:8000/v1#llava --out evals/chartqa
     python -m eval compare workspace/evals/demo/demo-llava workspace/evals/demo/demo-llava+r1-adapter --out paired.json
     python -m eval side-by-side --image assets/examples/pie.png --question "Which mode of transport has the highest share?" \
-        --model local:workspace/models/demo-llava --model local:workspace/models/demo-llava+workspace/runs/demo-adapter/adapter
+        --model local:workspace/models/demo-llava \
+        --model local:workspace/models/demo-llava+workspace/runs/demo-adapter/adapter
     python -m eval votes --workspace workspace
     python -m eval report workspace/evals/demo
     python -m eval demo-model --out workspace/models/demo-llava
@@ -35,11 +36,13 @@ def _progress_bar(done: int, total: int, info: dict) -> None:
 def cmd_run(args) -> int:
     """Exit 0 when every sample of every model was scored; 1 when a model could not be opened, or when
     samples failed (missing image, backend error ...) unless --allow-errors; 2 for bad arguments or data."""
+    from eval.backends import opener
     from eval.run import run_eval
     summaries = run_eval(args.data, args.model, args.out, split=args.split, images=args.images, limit=args.limit,
                          prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, concurrency=args.concurrency, metrics=tuple(args.metrics),
-                         on_progress=None if args.quiet else _progress_bar)
+                         on_progress=None if args.quiet else _progress_bar,
+                         open_backend=opener(args.workspace, wire=args.wire))
     print(format_table(summaries, list(args.metrics)))
     print(f"written to {args.out}")
     failed = False
@@ -191,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-errors", action="store_true",
                      help="exit 0 even when samples failed (they are scored wrong and counted in n_errors)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--workspace", default="workspace", help="its endpoints.json gives deployed endpoints' wire")
+    run.add_argument("--wire", choices=("seed", "openai"), help="wire format of sagemaker: endpoints deployed "
+                     "elsewhere (default: as recorded in endpoints.json, else seed)")
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="paired statistics of two finished benchmark runs on the same questions "

@@ -104,14 +104,12 @@ class Generator:
                  use_graphs: bool = False):
         self.model, self.rows_table, self.projectors = model, rows_table, projectors
         self.lm = model.model.language_model
-        self.lm_head = model.lm_head
         self.vision = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
-        self.embed = model.get_input_embeddings()
         self.config = model.config
         self.eos_ids, self.pad_id, self.max_len = eos_ids, pad_id, max_len
         self.device = next(model.parameters()).device
-        self.dtype = self.embed.weight.dtype
+        self.dtype = model.get_input_embeddings().weight.dtype
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.graphs: dict[tuple[int, bool], _Graph] = {}
@@ -127,7 +125,8 @@ class Generator:
         if "cache_position" in kwargs:
             kwargs["cache_position"] = cache.position + torch.arange(positions.shape[1], device=self.device)
         out = self.lm(attention_mask=mask, position_ids=positions, past_key_values=cache, **inputs, **kwargs)
-        return self.lm_head(out.last_hidden_state[:, -1]).float()
+        # looked up each call: an adapter may have put a per-row switch in place of lm_head / embed_tokens
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def decode(self, cache: KVCache, tokens, positions, mask):
         """One new token for every row: the step that CUDA graphs capture."""
@@ -162,7 +161,7 @@ class Generator:
         return next(self.vision.parameters()).dtype
 
     def _embeddings(self, ids: torch.Tensor, features: list) -> torch.Tensor:
-        embeds = self.embed(ids)
+        embeds = self.model.get_input_embeddings()(ids)
         image_token = self.config.image_token_id
         for i, feats in enumerate(features):
             if feats is None:

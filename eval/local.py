@@ -31,7 +31,7 @@ from eval.protocol import Request, trimmed
 __all__ = ["AdapterError", "Engine", "LocalBackend", "list_adapters", "read_adapter_config", "skip_modules"]
 
 QUANTIZE = ("auto", "4bit", "none")
-GATHER_S = 0.015            # how long the worker waits for a second stream to batch with the first
+GATHER_S = 0.01             # how long the worker waits for a second stream to batch with the first
 # Top-level module names kept out of 4-bit: vision towers and projectors are small and lose accuracy
 # (and 4-bit + LoRA on the projector breaks its shape), lm_head is kept for output quality.
 _SKIP_LEAVES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "lm_head")
@@ -181,6 +181,7 @@ class Engine:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.fast = model.config.model_type == "llava" and hasattr(model, "lm_head")
         self.generator = None
+        self.fallback_reason = None
         if self.fast:
             self.image_tokens = self._count_image_tokens()
             image_part = self.image_tokens + 128
@@ -208,9 +209,17 @@ class Engine:
         return int((ids == self.model.config.image_token_id).sum())
 
     def warm_up(self, say=lambda _msg: None) -> None:
-        """Run each captured batch shape once (graph capture), so no user's first click pays for it."""
+        """Run each captured batch shape once (graph capture), so no user's first click pays for it.
+        If the batched path fails on this model or transformers version, fall back to model.generate."""
         from PIL import Image
         image = Image.new("RGB", (32, 32), "white")
+        if self.generator is not None:
+            try:
+                self.generate([Request(image, "warm up", max_new_tokens=2)], [0], {"min_new_tokens": 2})
+            except Exception as e:  # noqa: BLE001 - recorded, shown in the header
+                self.fallback_reason = f"{type(e).__name__}: {e}"[:300]
+                self.generator = None
+                say(f"batched decoding failed ({self.fallback_reason}); using model.generate")
         shapes = (1, 2) if self.generator is not None and self.generator.use_graphs else (1,)
         modes = [0] + ([max(self.slots.values())] if self.slots else [])
         for slot in modes:
@@ -222,6 +231,8 @@ class Engine:
         precision = "4-bit nf4" if self.quantize == "4bit" else ("bf16" if self.device.startswith("cuda") else "fp32")
         decode = "CUDA graphs" if self.generator is not None and self.generator.use_graphs and \
             self.generator.graph_error is None else ("eager" if self.generator is not None else "model.generate")
+        if self.fallback_reason:
+            decode += f" ({self.fallback_reason})"
         return f"{precision} ({self.precision_reason}), decode: {decode}"
 
     # ---- adapters ----
@@ -258,7 +269,7 @@ class Engine:
         image_token = getattr(self.processor, "image_token", "<image>")
         texts = [self._prompt(r).replace(image_token, image_token * self.image_tokens) for r, _, _ in items]
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+        pixels = self._pixels(images) if images else None
         rows = []
         for i, ((r, slot, extra), tokens) in enumerate(zip(items, ids)):
             self._check_length(len(tokens), r.max_new_tokens)
@@ -266,6 +277,15 @@ class Engine:
                             max_new=r.max_new_tokens, min_new=int(extra.get("min_new_tokens", 0)),
                             temperature=r.temperature, top_p=r.top_p, emit=emits[i] if emits else None, cancel=cancel))
         return Batch(rows, pixels)
+
+    def _pixels(self, images: list):
+        """The image processor over many images in threads (PIL's resize lets go of the GIL)."""
+        import torch
+        process = lambda chunk: self.processor.image_processor(chunk, return_tensors="pt")["pixel_values"]  # noqa: E731
+        if len(images) < 16:
+            return process(images)
+        chunks = [images[i:i + 8] for i in range(0, len(images), 8)]
+        return torch.cat(list(cpu_pool().map(process, chunks)))
 
     def _check_length(self, prompt: int, new: int) -> None:
         if prompt + new > self.max_positions:
@@ -543,9 +563,22 @@ def generate_together(backends: dict, requests: list[Request], on_progress=None)
     return out
 
 
+_POOL = None
+
+
+def cpu_pool():
+    """One small thread pool for CPU work around the GPU (image decoding, resizing)."""
+    global _POOL
+    if _POOL is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="images")
+    return _POOL
+
+
 def engine_batch(engine: Engine, new_tokens: int = 16) -> int:
-    """Rows per batch from free GPU memory: each row holds its KV cache (prompt + new tokens) and
-    prefill activations; half the free memory is used."""
+    """Rows per batch from free GPU memory (what the driver has free plus what torch holds unused):
+    each row holds its KV cache (prompt + new tokens) and prefill activations; half of it is used."""
     import torch
     config = getattr(engine.model.config, "text_config", engine.model.config)
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -553,7 +586,8 @@ def engine_batch(engine: Engine, new_tokens: int = 16) -> int:
     tokens = getattr(engine, "image_tokens", 576) + 64 + new_tokens
     kv = 2 * config.num_hidden_layers * heads * head_dim * tokens * 2
     activations = tokens * (config.hidden_size * 6 + config.intermediate_size * 3) * 2
-    free, _ = torch.cuda.mem_get_info(torch.device(engine.device))
+    device = torch.device(engine.device)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(max(1, min(256, free * 0.5 // (kv + activations))))
 
 

@@ -25,6 +25,7 @@ from torch import nn
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"(.+)\.lora_([AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 _PROJECTOR = ("multi_modal_projector", "mm_projector")
+_SWAPPABLE = ("embed_tokens", "lm_head")     # trained in full by some recipes (the demo's): swapped per row
 
 
 class AdapterError(ValueError):
@@ -90,6 +91,29 @@ class LoraLinear(nn.Module):
         columns = self.rows.onehot[: x.shape[0]].index_select(1, self.column_slot)       # (b, R)
         h = (x.to(self.A.dtype) @ self.A.t()) * columns.unsqueeze(1)
         return y + (h @ self.B).to(y.dtype)
+
+
+class RowSwitch(nn.Module):
+    """A module some adapters replace in full (embed_tokens, lm_head): each row of the batch gets its
+    adapter's copy, or the base's. Rows are the first dimension of the input."""
+
+    def __init__(self, base: nn.Module, rows: Rows):
+        super().__init__()
+        self.base, self.rows = base, rows
+        self.own = nn.ModuleDict()                     # str(slot) -> that adapter's copy
+
+    @property
+    def weight(self):                                  # code that reads embed_tokens.weight sees the base's
+        return self.base.weight
+
+    def forward(self, x):
+        out = self.base(x)
+        if not self.rows.active or not len(self.own):
+            return out
+        for slot, module in self.own.items():
+            pick = self.rows.onehot[: x.shape[0], int(slot)].to(torch.bool)
+            out = torch.where(pick.view(-1, *[1] * (out.dim() - 1)), module(x).to(out.dtype), out)
+        return out
 
 
 def read_config(adapter_dir: Path) -> dict:
@@ -174,13 +198,13 @@ def split_weights(adapter_dir: Path, config: dict, linear_names: set[str]) -> tu
                 raise AdapterError(f"{adapter_dir}: LoRA on the vision tower ({module}) is not served; the engine "
                                    "encodes each image once for the base and every adapter")
             pairs.setdefault(module, {})[which] = value
-        elif any(p in name for p in _PROJECTOR):
+        elif any(p in name for p in _PROJECTOR + _SWAPPABLE):
             full[name.replace(".modules_to_save.default", "").replace(".original_module", "")] = value
         elif "lora_embedding" in name or "lora_magnitude" in name:
             raise AdapterError(f"{adapter_dir}: holds {name}; only LoRA on linear layers is served")
         else:
-            raise AdapterError(f"{adapter_dir}: replaces {name} in full; only the projector can be swapped per "
-                               "request (merge the adapter into the base to serve it)")
+            raise AdapterError(f"{adapter_dir}: replaces {name} in full; only the projector, embed_tokens and "
+                               "lm_head can be swapped per request (merge the adapter into the base to serve it)")
     loras = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -227,7 +251,10 @@ class Adapters:
         if key in self.slots:
             return self.slots[key]
         modules = dict(self.model.named_modules())
+        swapped = {k: v for k, v in projector_state.items() if not any(p in k for p in _PROJECTOR)}
+        projector_state = {k: v for k, v in projector_state.items() if any(p in k for p in _PROJECTOR)}
         projector = self._projector_copy(modules, projector_state) if projector_state else None
+        copies = self._full_copies(modules, swapped)
         for module, (a, b, _) in loras.items():
             base = modules[module].base if isinstance(modules[module], LoraLinear) else modules[module]
             if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
@@ -241,8 +268,39 @@ class Adapters:
             self._layer(module, modules).add(slot, a, b, scale)
         if projector is not None:
             self.projectors[slot] = projector
+        for name, copy_ in copies.items():
+            self._switch(name, modules).own[str(slot)] = copy_
         self.slots[key] = slot
         return slot
+
+    def _full_copies(self, modules: dict, state: dict) -> dict[str, nn.Module]:
+        """{module name: this adapter's copy of it} for embed_tokens / lm_head trained in full."""
+        copies = {}
+        for name in sorted({k.rsplit(".", 1)[0] for k in state}):
+            if name not in modules:
+                raise AdapterError(f"the adapter replaces {name}, which this base does not have")
+            base = modules[name].base if isinstance(modules[name], RowSwitch) else modules[name]
+            own = copy.deepcopy(base)
+            expected = own.state_dict()
+            given = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            for k, v in given.items():
+                if k not in expected or tuple(v.shape) != tuple(expected[k].shape):
+                    raise AdapterError(f"the adapter holds {name}.{k} of shape {list(v.shape)}, but this base has "
+                                       f"{list(expected[k].shape) if k in expected else 'no such tensor'}: it was "
+                                       "trained for another model.")
+            own.load_state_dict({**expected, **{k: v.to(expected[k].dtype) for k, v in given.items()}})
+            copies[name] = own.eval()
+        return copies
+
+    def _switch(self, name: str, modules: dict) -> RowSwitch:
+        module = modules[name]
+        if isinstance(module, RowSwitch):
+            return module
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else self.model
+        switch = RowSwitch(module, self.rows)
+        setattr(parent, child, switch)
+        return switch
 
     def detach(self, key: str) -> None:
         slot = self.slots.pop(key, None)
@@ -251,6 +309,9 @@ class Adapters:
         for layer in self.layers.values():
             layer.remove(slot)
         self.projectors.pop(slot, None)
+        for module in self.model.modules():
+            if isinstance(module, RowSwitch) and str(slot) in module.own:
+                del module.own[str(slot)]
 
     def _layer(self, module: str, modules: dict) -> LoraLinear:
         if module not in self.layers:

@@ -20,7 +20,7 @@ from typing import Callable
 
 from eval.protocol import ModelRef
 
-LOCAL_OPTIONS = ("quantize", "device", "trust_remote_code", "graphs")
+LOCAL_OPTIONS = {"quantize": "auto", "device": "auto", "trust_remote_code": False, "graphs": True}   # and defaults
 
 
 class ModelPool:
@@ -35,7 +35,7 @@ class ModelPool:
     def _engine_key(base: str, options: dict) -> tuple:
         local = Path(base).expanduser()
         base_key = str(local.resolve()) if local.exists() else base
-        return (base_key,) + tuple(str(options.get(k, "")) for k in LOCAL_OPTIONS)
+        return (base_key,) + tuple(str(options.get(k, default)) for k, default in LOCAL_OPTIONS.items())
 
     def engine(self, base: str, on_progress: Callable[[str], None] | None = None, **options):
         """The Engine for `base` with these options, loaded on first use."""
@@ -77,6 +77,7 @@ class ModelPool:
             raise ValueError(f"unknown backend {ref.kind!r} in {str(ref)!r}: expected one of {', '.join(BACKENDS)}")
         options = {**ref.options, **options}
         if ref.kind == "local":
+            options.pop("workspace", None)
             engine_options = {k: v for k, v in options.items() if k in LOCAL_OPTIONS}
             extra = {k: v for k, v in options.items() if k not in LOCAL_OPTIONS}
             engine = self.engine(ref.target, on_progress=on_progress, **engine_options)
@@ -96,7 +97,8 @@ class ModelPool:
         with self._lock:
             engines = list(self._engines.values())
         return [{"base": e.base, "mode": e.describe(), "adapters": list(e.slots), "busy": e.busy,
-                 "load_s": round(e.load_seconds, 1), "warm_s": round(e.warm_seconds, 1)} for e in engines]
+                 "load_s": round(e.load_seconds, 1), "warm_s": round(e.warm_seconds, 1),
+                 "answer_room": e.max_positions - getattr(e, "image_tokens", 0) - 96} for e in engines]
 
     def unload(self) -> int:
         """Forget every idle engine (its memory is freed once no backend refers to it); returns how many."""

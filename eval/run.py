@@ -280,14 +280,23 @@ def _score_batch(backends: dict, batch: list[dict], settings: dict, metrics) -> 
     A sample that cannot be asked (unreadable image, question too long) or whose generation fails is
     recorded with an `error`, scored wrong, and the rest goes on."""
     images, errors = {}, {}
+    asked = []
     for q in batch:
         errors[q["id"]] = _question_error(q)
-        if errors[q["id"]]:
-            continue
+        if not errors[q["id"]]:
+            asked.append(q)
+
+    def read(q):
         try:
-            images[q["id"]] = load_image(q["image"])
+            return load_image(q["image"]), None
         except ImageError as e:
-            errors[q["id"]] = f"image: {e}"
+            return None, f"image: {e}"
+    from eval.local import cpu_pool
+    for q, (image, error) in zip(asked, cpu_pool().map(read, asked) if len(asked) > 8 else map(read, asked)):
+        if error:
+            errors[q["id"]] = error
+        else:
+            images[q["id"]] = image
     good = [q for q in batch if q["id"] in images]
     requests = [Request(images[q["id"]], q["question"] + settings["prompt_suffix"], settings["max_new_tokens"],
                         settings["temperature"], settings["top_p"]) for q in good]

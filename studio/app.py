@@ -31,7 +31,7 @@ def header(studio: Studio) -> str:
 
 def build_app(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="LLaVA Chart Studio") as app:
-        gr.Markdown(lambda: header(studio))      # re-read on every page load
+        gr.Markdown(header(studio))
         with gr.Tabs() as tabs:
             with gr.Tab("Compare", id="compare"):
                 compare = compare_tab.build(studio)

@@ -15,6 +15,8 @@ import pandas as pd
 
 from charts.io import inside, read_jsonl
 from eval import compare
+from eval.backends import opener
+from eval.endpoints import WIRES
 from eval.images import ImageError, load_image
 from eval.paired import compare_runs
 from eval.display import rounded, short_name
@@ -105,7 +107,7 @@ def _show(pairs: list, index: int):
 
 
 # ---------------------------------------------------------------- callbacks
-def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, progress=gr.Progress()):
+def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, progress=gr.Progress(), wire="recorded"):
     try:     # a typed dataset path must lie in the workspace, like every path from the browser
         dataset = str(inside(studio.workspace, dataset)) if dataset else dataset
     except ValueError as e:
@@ -123,7 +125,8 @@ def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, pr
     try:
         summaries = run_eval(dataset, list(models), out, split=None if split == "all" else split,
                              limit=int(limit) or None, prompt_suffix=suffix, max_new_tokens=int(max_new_tokens),
-                             on_progress=report)
+                             on_progress=report, open_backend=opener(studio.workspace, None if wire == "recorded" else wire,
+                                                                     studio.pool, studio.local_options()))
     except (DatasetError, RunMismatch, ValueError, FileNotFoundError) as e:
         if out.is_dir() and not any(out.iterdir()):   # refused before it wrote anything: leave no empty folder
             out.rmdir()
@@ -171,13 +174,16 @@ def build(studio: Studio) -> dict:
         limit = gr.Number(value=100, precision=0, minimum=0, label="Limit (0 = all)", scale=1)
         name = gr.Textbox(label="Eval name", placeholder="automatic: dataset-split-time", scale=2)
     with gr.Row():
-        models = gr.Dropdown(models_now, value=[v for _, v in models_now[:2]], multiselect=True, allow_custom_value=True, scale=5,
+        models = gr.Dropdown(models_now, value=[v for _, v in models_now[:2]], multiselect=True, allow_custom_value=True,
+                             scale=5,
                              label="Models (the first is the baseline; type sagemaker:NAME or openai:URL#MODEL too)")
         refresh = gr.Button("Refresh lists", size="sm", scale=1)
     with gr.Accordion("Prompt and generation (recorded with the results)", open=False):
         with gr.Row():
             suffix = gr.Textbox(DEFAULT_SUFFIX, label="Prompt suffix (appended to each question)", scale=4)
             max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, label="max_new_tokens", scale=1)
+            wire = gr.Dropdown(["recorded", *WIRES], value="recorded", label="Endpoint wire", scale=1,
+                               info="sagemaker models: as recorded at deploy, or the format of one deployed elsewhere")
     run = gr.Button("Run benchmark", variant="primary")
     status = gr.Markdown()
     board = gr.Dataframe(leaderboard(studio), label="Leaderboard (workspace/evals)", interactive=False)
@@ -209,8 +215,8 @@ def build(studio: Studio) -> dict:
         html_file = gr.DownloadButton("HTML", value=None)
     pairs = gr.State([])
 
-    def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress=gr.Progress()):
-        return _run(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress)
+    def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, wire_, progress=gr.Progress()):
+        return _run(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress, wire_)
 
     def lists(newest_eval: bool = False):
         evals = eval_choices(studio)
@@ -220,7 +226,8 @@ def build(studio: Studio) -> dict:
 
     # ---- wiring
     refresh.click(lists, outputs=[dataset, models, board, eval_dir])
-    run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens], outputs=[status, eval_dir],
+    run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens, wire],
+              outputs=[status, eval_dir],
               api_name="benchmark_run").then(lambda: leaderboard(studio), outputs=board)
     browse_outputs = [pairs, paired, index, image, question, answer_a, answer_b]
     eval_dir.change(_select_eval, inputs=eval_dir, outputs=[family_plot, kind_plot, model_b, outcome]
@@ -233,7 +240,8 @@ def build(studio: Studio) -> dict:
     on_load = [(lambda: lists(newest_eval=True), None, [dataset, models, board, eval_dir]),
                (_select_eval, eval_dir, [family_plot, kind_plot, model_b, outcome]),
                (_browse, [eval_dir, model_b, outcome], browse_outputs)]
-    return {"on_load": on_load, "dataset": dataset, "split": split, "limit": limit, "name": name, "models": models, "run": run,
+    return {"on_load": on_load, "dataset": dataset, "split": split, "limit": limit, "name": name, "models": models,
+            "run": run,
             "status": status, "leaderboard": board, "eval_dir": eval_dir, "model_b": model_b, "outcome": outcome,
             "index": index, "image": image, "question": question, "answer_a": answer_a, "answer_b": answer_b,
             "paired": paired, "family_plot": family_plot, "kind_plot": kind_plot, "export": export,

@@ -17,6 +17,7 @@ from charts import random_example as charts_random_example
 from charts.io import inside
 from eval import compare
 from eval.display import short_name
+from eval.endpoints import WIRES
 from eval.images import ImageError, load_image
 from eval.protocol import Request
 from eval.votes import leaderboard as votes_leaderboard
@@ -34,6 +35,12 @@ def side_choices(studio: Studio, kind: str) -> list[tuple[str, str]]:
     refs = compare.model_choices(studio.workspace, studio.base, studio.adapter) if kind == "local" else \
         compare.endpoint_refs(studio.workspace)
     return [(short_name(c), c) for c in refs if c.startswith(kind + ":")]
+
+
+def _max_new_tokens(studio: Studio) -> int:
+    """What the loaded base's context leaves for an answer after the image and a question (at most 512)."""
+    room = [e["answer_room"] for e in studio.pool.loaded() if e.get("answer_room")]
+    return max(16, min([512] + room))
 
 
 def _datasets(studio: Studio) -> list[str]:
@@ -96,7 +103,8 @@ def build(studio: Studio) -> dict:
         kind_a, side_a, answer_a, verdict_a, stats_a = _side_panel(studio, "A", default_a)
         kind_b, side_b, answer_b, verdict_b, stats_b = _side_panel(studio, "B", default_b)
     with gr.Row():
-        image = ChartImage(label="Chart", height=320, scale=2)     # the raw upload, checked by load_image
+        image = ChartImage(type="filepath", sources=["upload", "clipboard"], label="Chart", height=320,
+                           scale=2)     # the raw upload, checked by load_image
         with gr.Column(scale=3):
             question = gr.Textbox(label="Question", lines=2, max_lines=6,
                                   placeholder="e.g. What is the value of the highest bar?")
@@ -107,8 +115,10 @@ def build(studio: Studio) -> dict:
                                       label="Dataset for examples", scale=3)
                 random_button = gr.Button("Random example", scale=1)
             with gr.Row():
-                max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+                max_new_tokens = gr.Slider(1, _max_new_tokens(studio), value=64, step=1, label="Max new tokens")
                 temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                wire = gr.Dropdown(["recorded", *WIRES], value="recorded", label="Endpoint wire",
+                                   info="sagemaker sides: as recorded at deploy, or the format of one deployed elsewhere")
             with gr.Row():
                 run = gr.Button("Compare", variant="primary")
                 regenerate = gr.Button("Regenerate")
@@ -161,7 +171,7 @@ def build(studio: Studio) -> dict:
 
     latest: dict[str, object] = {}         # session -> its newest run: a new click ends the older one
 
-    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, blind_=False,
+    def run_compare(img_path, q, ref_a, ref_b, kind_a_, kind_b_, max_new, temp, ex, wire_, blind_=False,
                     request: gr.Request = None):
         try:
             q = compare.check_question(q)
@@ -183,7 +193,7 @@ def build(studio: Studio) -> dict:
             refs = [refs[i] for i in settings["blind_order"]]
         session, token = getattr(request, "session_hash", None) or "", object()
         latest[session] = token
-        stream = compare.compare_stream(refs, request_, studio.pool, {"local": studio.local_options()}, golds)
+        stream = compare.compare_stream(refs, request_, studio.pool, studio.backend_options(wire_), golds)
         try:
             for sides in stream:
                 if latest.get(session) is not token:
@@ -222,14 +232,14 @@ def build(studio: Studio) -> dict:
         count = studio.pool.unload()
         return f"unloaded {count} model(s); the next Compare loads what it needs"
 
-    def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, progress=gr.Progress()):
+    def run_batch(name, n, seed, q, ref_a, ref_b, kind_a_, kind_b_, max_new, wire_, progress=gr.Progress()):
         try:
             examples = compare.sample_examples(inside(studio.path("datasets"), name or ""), int(n), int(seed))
             refs = [compare.to_ref(ref_a, kind_a_, studio.base), compare.to_ref(ref_b, kind_b_, studio.base)]
             q = compare.check_question(q) if q and q.strip() else None
         except Exception as e:           # noqa: BLE001
             return f"**{e}**", None
-        rows = compare.batch_compare(refs, examples, q, studio.pool, int(max_new), {"local": studio.local_options()},
+        rows = compare.batch_compare(refs, examples, q, studio.pool, int(max_new), studio.backend_options(wire_),
                                      on_progress=lambda side, done, total: progress(done / total, desc=f"side {side}"))
         import pandas as pd
         table = pd.DataFrame(rows)    # verdicts first: a narrow table still shows who was right
@@ -241,7 +251,7 @@ def build(studio: Studio) -> dict:
     kind_a.change(pick_kind, inputs=kind_a, outputs=side_a)
     kind_b.change(pick_kind, inputs=kind_b, outputs=side_b)
     random_button.click(random_example, inputs=dataset, outputs=[image, question, gold, example])
-    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example, blind_state]
+    inputs = [image, question, side_a, side_b, kind_a, kind_b, max_new_tokens, temperature, example, wire, blind_state]
     outputs = [answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b, result]
     runs = [button.click(run_compare, inputs=inputs, outputs=outputs, concurrency_limit=None)
             for button in (run, regenerate)]
@@ -257,11 +267,13 @@ def build(studio: Studio) -> dict:
                  outputs=[blind_state, kind_a, side_a, kind_b, side_b], api_name="compare_blind")
     export_button.click(export, inputs=result, outputs=export_file)
     batch_run.click(run_batch, inputs=[dataset, batch_n, batch_seed, batch_question, side_a, side_b, kind_a, kind_b,
-                                       max_new_tokens], outputs=[batch_status, batch_table])
+                                       max_new_tokens, wire], outputs=[batch_status, batch_table])
+
     def lists():     # adapters, endpoints, datasets and votes made since the studio started
         models = [c for k in compare.KINDS for c in side_choices(studio, k)]
         return (gr.Dropdown(choices=models), gr.Dropdown(choices=models), gr.Dropdown(choices=_datasets(studio)),
                 votes_table_rows(studio))
 
-    return {"on_load": [(lists, None, [side_a, side_b, dataset, votes_table])], "side_a": side_a, "side_b": side_b, "image": image, "question": question,
+    return {"on_load": [(lists, None, [side_a, side_b, dataset, votes_table])], "side_a": side_a, "side_b": side_b,
+            "image": image, "question": question,
             "kind_a": kind_a, "kind_b": kind_b, "answer_a": answer_a, "answer_b": answer_b, "run": run}

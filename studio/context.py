@@ -21,3 +21,9 @@ class Studio:
 
     def local_options(self) -> dict:
         return {"quantize": self.quantize}
+
+    def backend_options(self, wire: str | None = None) -> dict:
+        """Options per backend kind, as the tabs open models: local precision; endpoints with what
+        endpoints.json recorded at deploy, or `wire` for endpoints deployed elsewhere."""
+        sagemaker = {"workspace": self.workspace, **({"wire": wire} if wire and wire != "recorded" else {})}
+        return {"local": self.local_options(), "sagemaker": sagemaker}

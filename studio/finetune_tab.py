@@ -120,6 +120,7 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         job_box = gr.Dropdown(list(read_jobs(workspace)), label="Job", allow_custom_value=True)
         refresh_btn, stop_btn = gr.Button("Refresh"), gr.Button("Stop", variant="stop")
+        resume_btn = gr.Button("Resume")
         compare_btn = gr.Button("Compare this checkpoint")
     compare_adapter = gr.Textbox(label="Adapter of the selected job", interactive=False)
     plot = gr.Plot(_curves(None), label="loss and eval accuracy")
@@ -186,6 +187,14 @@ def build(studio: Studio) -> dict:
             _launcher(workspace, job, sm).stop(job)
         return _jobs_table(workspace)
 
+    def resume(job_id):
+        """A stopped or killed local job continues from its newest complete checkpoint, same run folder."""
+        try:
+            job = LocalLauncher(workspace).resume(job_id or "")
+        except ValueError as e:
+            return f"# not resumed: {e}", _jobs_table(workspace)
+        return f"# resumed {job['id']}", _jobs_table(workspace)
+
     # ---------------------------------------------------------------- wiring
     preset_box.change(apply_preset, preset_box, form)
     dataset_box.change(pick_dataset, dataset_box, inputs["data"])
@@ -194,16 +203,19 @@ def build(studio: Studio) -> dict:
     load_btn.click(load_yaml, yaml_path, form)
     estimate_btn.click(estimate, sm_inputs, cmd_out)
     launch_btn.click(launch, [target, gpus, run_name] + sm_inputs + form, [cmd_out, jobs, job_box])
+
     def lists():     # jobs started elsewhere (CLI, another tab, before a reload) appear in the table and the picker
         return (_jobs_table(workspace), gr.Dropdown(choices=list(read_jobs(workspace))),
                 gr.Dropdown(choices=_datasets(workspace)))
 
     refresh_btn.click(lists, None, [jobs, job_box, dataset_box])
     stop_btn.click(stop, [job_box] + sm_inputs, jobs)
+    resume_btn.click(resume, job_box, [cmd_out, jobs])
     job_box.change(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
     timer.tick(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
-    return {"on_load": [(lists, None, [jobs, job_box, dataset_box])], "inputs": inputs, "preset": preset_box, "dataset": dataset_box, "jobs": jobs, "job": job_box,
-            "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn,
+    return {"on_load": [(lists, None, [jobs, job_box, dataset_box])], "inputs": inputs, "preset": preset_box,
+            "dataset": dataset_box, "jobs": jobs, "job": job_box,
+            "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn, "resume": resume_btn,
             "compare_adapter": compare_adapter, "compare_button": compare_btn}   # wired in studio/app.py
 
 

@@ -22,12 +22,10 @@ from eval.images import MAX_BYTES
 class ChartImage(gr.Image):
     """gr.Image(type="filepath") whose preprocess never decodes: the callback gets the raw file's path."""
 
-    is_template = True    # the browser draws it with gr.Image's own front-end component
-
-    def __init__(self, *args, **kwargs):
-        kwargs.update(type="filepath", image_mode=None)
-        kwargs.setdefault("sources", ["upload", "clipboard"])
-        super().__init__(*args, **kwargs)
+    # The browser draws it with gr.Image's own front-end component. No __init__ of its own: gradio builds
+    # the component's front-end config from the constructor's signature, so a (*args, **kwargs) one
+    # would leave props such as `sources` undefined there and the page would never finish loading.
+    is_template = True
 
     def preprocess(self, payload):
         if payload is None:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from eval.endpoints import (EndpointError, OpenAIBackend, SageMakerBackend, SSEDecoder, build_payload,
                             encode_image, parse_answer)
-from eval.local import LocalBackend
+from eval.backends import open_backend
 from eval.protocol import Request
 from test_local_backend import make_adapter
 from training.serving.server import EndpointServer, handler_with, load_server
@@ -41,7 +41,7 @@ def request_():
 
 
 def test_both_wire_formats_answer_like_the_local_backend(server, model_dir, demo_model, request_):
-    expected = LocalBackend(str(demo_model), model_dir).generate([request_])
+    expected = open_backend(f"local:{demo_model}+{model_dir}").generate([request_])
     for wire in ("seed", "openai"):
         backend = SageMakerBackend("chartqa", wire=wire, endpoint_url=server.url)
         assert backend.generate([request_]) == expected
@@ -49,7 +49,7 @@ def test_both_wire_formats_answer_like_the_local_backend(server, model_dir, demo
 
 
 def test_stream_reassembles_events_split_across_payload_parts(server, model_dir, demo_model, request_):
-    expected = LocalBackend(str(demo_model), model_dir).generate([request_])[0]
+    expected = open_backend(f"local:{demo_model}+{model_dir}").generate([request_])[0]
     for wire in ("seed", "openai"):
         pieces = list(SageMakerBackend("chartqa", wire=wire, endpoint_url=server.url).stream(request_))
         assert "".join(pieces) == expected
@@ -138,7 +138,7 @@ def test_service_5xx_and_throttling_are_retried_then_succeed(request_):
 
 
 def test_openai_backend_generates_and_streams_against_v1_chat_completions(server, model_dir, demo_model, request_):
-    expected = LocalBackend(str(demo_model), model_dir).generate([request_])[0]
+    expected = open_backend(f"local:{demo_model}+{model_dir}").generate([request_])[0]
     backend = OpenAIBackend(server.url + "/v1", "chartqa", api_key="sk-test-secret")
     assert backend.generate([request_]) == [expected]
     assert "".join(backend.stream(request_)) == expected
@@ -195,3 +195,46 @@ def test_compare_streams_the_endpoint_and_the_local_model_side_by_side(server, m
     assert not endpoint.error and not local.error
     assert endpoint.text == local.text == pool.backend(refs[1]).generate([request_])[0]
     assert len(updates) > 2                          # token by token, not one final update
+
+
+def test_an_endpoint_that_cannot_stream_yields_its_whole_answer_once(server, model_dir, demo_model, request_):
+    expected = open_backend(f"local:{demo_model}+{model_dir}").generate([request_])[0]
+    backend = SageMakerBackend("chartqa", endpoint_url=server.url, streams=False)
+    assert backend.streams is False and OpenAIBackend(server.url + "/v1", "m").streams is True
+    assert list(backend.stream(request_)) == [expected]
+
+
+def _wire_recorder(seen):
+    from training.serving import inference
+
+    def input_fn(body, content_type="application/json"):
+        data = inference.input_fn(body, content_type)
+        seen.append(data["wire"])
+        return data
+
+    def predict_fn(data, model):
+        return {"wire": data["wire"], "text": "42", "model": "m", "created": 0}
+    return {"input_fn": input_fn, "predict_fn": predict_fn}
+
+
+def test_eval_run_uses_the_recorded_wire_or_the_wire_flag(tmp_path, monkeypatch):
+    from eval.__main__ import main
+    from test_eval_run import make_chartqa
+
+    seen = []
+    srv = served(None, **_wire_recorder(seen))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", srv.url)
+    data = make_chartqa(tmp_path / "chartqa", n=2)
+    try:
+        (tmp_path / "ws").mkdir()
+        (tmp_path / "ws" / "endpoints.json").write_text(json.dumps([{"name": "vllm-ep", "wire": "openai",
+                                                                     "streams": True}]))
+        assert main(["run", "--data", str(data), "--model", "sagemaker:vllm-ep", "--out", str(tmp_path / "a"),
+                     "--workspace", str(tmp_path / "ws"), "--quiet"]) == 0
+        assert seen and set(seen) == {"openai"}
+        seen.clear()
+        assert main(["run", "--data", str(data), "--model", "sagemaker:elsewhere", "--out", str(tmp_path / "b"),
+                     "--workspace", str(tmp_path / "ws"), "--wire", "openai", "--quiet"]) == 0
+        assert seen and set(seen) == {"openai"}
+    finally:
+        srv.shutdown()

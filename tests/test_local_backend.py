@@ -14,7 +14,7 @@ from eval.protocol import Request
 LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True, target=LM_LINEARS):
+def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True, target=LM_LINEARS, full=()):
     """A random LoRA adapter (init_lora_weights=False so it changes answers), optionally for a base whose
     language model has another hidden size, optionally with the projector in modules_to_save."""
     import torch
@@ -30,8 +30,13 @@ def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True, ta
         model = AutoModelForImageTextToText.from_config(config)
     torch.manual_seed(seed)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights=False,
-                      modules_to_save=["multi_modal_projector"] if projector else None, task_type="CAUSAL_LM")
+                      modules_to_save=(["multi_modal_projector"] if projector else []) + list(full) or None,
+                      task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
+    with torch.no_grad():       # modules trained in full (the demo preset trains lm_head and embed_tokens)
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name and any(f in name for f in full):
+                p.add_(torch.randn_like(p) * 0.5)
     if projector:   # a "trained" projector, so the base's rows must keep the base's own
         with torch.no_grad():
             for p in peft_model.base_model.model.model.multi_modal_projector.modules_to_save["default"].parameters():
@@ -93,6 +98,15 @@ def test_base_and_adapter_from_one_copy_match_plain_transformers_and_peft(demo_m
     assert singles(tuned, requests_) == expected_tuned
     assert singles(base, requests_) == expected_base
     assert singles(tuned, requests_) == expected_tuned
+
+
+def test_adapters_that_replace_lm_head_and_embeddings_match_peft(demo_model, tmp_path, requests_):
+    full = make_adapter(demo_model, tmp_path / "full", seed=3, full=("lm_head", "embed_tokens"))
+    pool = ModelPool()
+    base, tuned = pool.backend(f"local:{demo_model}"), pool.backend(f"local:{demo_model}+{full}")
+    assert singles(tuned, requests_) == peft_answers(demo_model, full, requests_)
+    together = base.engine.generate(requests_ * 2, [0] * 3 + [tuned.slot] * 3)
+    assert together == peft_answers(demo_model, None, requests_) + peft_answers(demo_model, full, requests_)
 
 
 def test_mixed_batches_and_batches_match_single_requests(demo_model, adapter, adapter2, requests_):

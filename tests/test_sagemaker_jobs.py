@@ -34,10 +34,11 @@ def test_start_uploads_code_and_data_and_creates_a_fastfile_spot_job(moto_url, d
     assert re.fullmatch(r"chart-qa-run-1-\d{8}-\d{6}", job["id"])
     keys = [o["Key"] for o in launcher.client("s3").list_objects_v2(Bucket="studio-bucket")["Contents"]]
     assert f"llava-studio/jobs/{job['id']}/sourcedir.tar.gz" in keys
-    assert "llava-studio/datasets/ds/train.jsonl" in keys and "llava-studio/datasets/ds/images/train0.png" in keys
+    data = f"llava-studio/jobs/{job['id']}/data"
+    assert f"{data}/train.jsonl" in keys and f"{data}/images/train0.png" in keys
     desc = launcher.client("sagemaker").describe_training_job(TrainingJobName=job["id"])
     assert desc["InputDataConfig"][0]["InputMode"] == "FastFile"
-    assert desc["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://studio-bucket/llava-studio/datasets/ds/"
+    assert desc["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == f"s3://studio-bucket/{data}/"
     assert desc["EnableManagedSpotTraining"] is True
     assert launcher.status(job)["status"] == "completed"         # moto completes jobs at once
     fresh = SageMakerLauncher(tmp_path, settings, session=_session())
@@ -106,7 +107,8 @@ def test_status_follows_inprogress_completed_failed_spot_interrupted_and_stop(tm
                                                                {"MetricName": "loss", "Value": 0.42}]})
     sm.add_response("describe_training_job", {**base, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
                                               "FailureReason": "AlgorithmError: CUDA out of memory"})
-    sm.add_response("describe_training_job", {**base, "TrainingJobStatus": "Stopped", "SecondaryStatus": "Interrupted"})
+    sm.add_response("describe_training_job", {**base, "TrainingJobStatus": "Stopped",
+                                              "SecondaryStatus": "MaxWaitTimeExceeded"})
     sm.add_response("stop_training_job", {}, {"TrainingJobName": "j"})
     job = {"id": "j", "kind": "sagemaker", "created": 1}
     with sm:
@@ -115,8 +117,59 @@ def test_status_follows_inprogress_completed_failed_spot_interrupted_and_stop(tm
         assert (done["status"], done["eval_relaxed_accuracy"], done["spot_savings"]) == ("completed", 0.61, 0.6667)
         assert done["cost_usd"] == pytest.approx(1.515 * 1200 / 3600, abs=1e-3)
         assert "out of memory" in launcher.status(job)["detail"]
-        assert "spot" in launcher.status(job)["detail"]
+        assert "spot capacity not regained within max wait" in launcher.status(job)["detail"]
         assert launcher.stop(job)["status"] == "stopping"
+
+
+def _describe(status, secondary):
+    return {"TrainingJobName": "j", "TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/j",
+            "ModelArtifacts": {"S3ModelArtifacts": "s3://b/m.tar.gz"},
+            "AlgorithmSpecification": {"TrainingInputMode": "FastFile"},
+            "ResourceConfig": {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 1, "VolumeSizeInGB": 100},
+            "StoppingCondition": {"MaxRuntimeInSeconds": 3600}, "CreationTime": 0,
+            "TrainingJobStatus": status, "SecondaryStatus": secondary}
+
+
+@pytest.mark.parametrize("status, secondary, shown, detail", [
+    ("InProgress", "Interrupted", "running", "waiting for capacity to resume"),   # a reclaim it comes back from
+    ("Stopped", "Interrupted", "stopped", "stopped while its spot instance was reclaimed"),
+    ("Stopped", "MaxWaitTimeExceeded", "stopped", "not regained within max wait"),
+    ("Stopped", "Stopped", "stopped", "stopped on request"),
+])
+def test_spot_secondary_statuses_say_what_happened(tmp_path, status, secondary, shown, detail):
+    launcher, sm, _ = _stubbed(tmp_path)
+    sm.add_response("describe_training_job", _describe(status, secondary))
+    with sm:
+        got = launcher.status({"id": "j", "kind": "sagemaker", "created": 1})
+    assert got["status"] == shown and detail in got["detail"]
+    if secondary != "MaxWaitTimeExceeded":
+        assert "not regained" not in got["detail"]
+
+
+def test_stopping_a_finished_job_says_so_without_a_traceback(tmp_path):
+    launcher, sm, _ = _stubbed(tmp_path)
+    sm.add_client_error("stop_training_job", "ValidationException", http_status_code=400,
+                        service_message="The request was rejected because the training job is in status Completed.")
+    sm.add_response("describe_training_job", _describe("Completed", "Completed"))
+    with sm:
+        result = launcher.stop({"id": "j", "kind": "sagemaker", "created": 1})
+    assert result["status"] == "completed" and result["message"] == "j already completed; nothing to stop"
+
+
+def test_each_job_gets_its_own_copy_of_the_dataset_so_removed_files_do_not_leak(moto_url, dataset, tmp_path):
+    settings = SageMakerSettings(role=ROLE, bucket="studio-bucket", endpoint_url=moto_url)
+    launcher = SageMakerLauncher(tmp_path, settings, session=_session())
+    s3 = launcher.client("s3")
+    s3.create_bucket(Bucket="studio-bucket")
+    stale = dataset / "images" / "stale.png"
+    stale.write_bytes(b"old")
+    first = launcher.start(preset("llava-1.5-7b-qlora", data=str(dataset)), name="first")
+    stale.unlink()
+    second = launcher.start(preset("llava-1.5-7b-qlora", data=str(dataset)), name="second")
+    assert first["data"] != second["data"]
+    prefix = second["data"].removeprefix("s3://studio-bucket/")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="studio-bucket", Prefix=prefix)["Contents"]]
+    assert keys and not any(k.endswith("stale.png") for k in keys)
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -3,13 +3,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
 from PIL import Image
 
 from eval.endpoints import build_payload
-from eval.local import LocalBackend
+from eval.backends import open_backend
 from eval.protocol import Request
 from test_local_backend import make_adapter
 from training.serving import inference
@@ -50,7 +51,7 @@ def test_package_holds_adapter_serving_json_and_a_self_contained_handler(model_d
 
 
 def test_packaged_handler_imports_and_answers_without_the_repo(model_dir, adapter, demo_model, request_):
-    expected = LocalBackend(str(demo_model), adapter).generate([request_])[0]
+    expected = open_backend(f"local:{demo_model}+{adapter}").generate([request_])[0]
     payload = json.dumps(build_payload(request_, "seed"))
     script = (
         "import json, sys, inference, eval.local\n"
@@ -69,8 +70,8 @@ def test_packaged_handler_imports_and_answers_without_the_repo(model_dir, adapte
 
 def test_one_endpoint_answers_with_adapter_or_base(model_dir, adapter, demo_model, request_):
     model = inference.model_fn(model_dir)
-    tuned = LocalBackend(str(demo_model), adapter).generate([request_])[0]
-    base = LocalBackend(str(demo_model)).generate([request_])[0]
+    tuned = open_backend(f"local:{demo_model}+{adapter}").generate([request_])[0]
+    base = open_backend(f"local:{demo_model}").generate([request_])[0]
     assert tuned != base
     for payload, expected in ((build_payload(request_, "seed"), tuned),
                               ({**build_payload(request_, "seed"), "adapter": False}, base),
@@ -97,7 +98,7 @@ def test_container_contract_ping_invocations_and_sse_stream(model_dir, adapter, 
     try:
         with urllib.request.urlopen(server.url + "/ping", timeout=5) as r:
             assert r.status == 200
-        expected = LocalBackend(str(demo_model), adapter).generate([request_])[0]
+        expected = open_backend(f"local:{demo_model}+{adapter}").generate([request_])[0]
         status, body = post(server.url + "/invocations", build_payload(request_, "openai"))
         assert status == 200 and json.loads(body)["choices"][0]["message"]["content"] == expected
         status, body = post(server.url + "/invocations", build_payload(request_, "seed", stream=True))
@@ -118,3 +119,99 @@ def test_event_stream_framing_decodes_with_botocore():
     buffer.add_data(message[7:])
     decoded = next(iter(buffer))
     assert decoded.headers[":event-type"] == "PayloadPart" and decoded.payload == b"data: hi\n\n"
+
+
+# ---- the byoc target: the image's `serve` entrypoint, run as SageMaker runs it ----
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def byoc(model_dir, tmp_path_factory):
+    """`serve` (training/serving/serve, the file the Dockerfile copies to /usr/local/bin) started the way
+    SageMaker starts the container, with /opt/ml/model replaced by the unpacked model.tar.gz."""
+    from conftest import free_port
+    port, log = free_port(), tmp_path_factory.mktemp("byoc") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(SM_MODEL_DIR=str(model_dir), SAGEMAKER_BIND_TO_PORT=str(port), SERVE_HOST="127.0.0.1",
+               STUDIO_CODE_DIR=str(ROOT))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "training/serving/serve"), "serve"], env=env,
+                                cwd=log.parent, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/ping", timeout=2) as r:
+                assert r.status == 200
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("serve did not start:\n" + log.read_text()[-3000:])
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _runtime(url):
+    import boto3
+    return boto3.client("sagemaker-runtime", endpoint_url=url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def test_byoc_entrypoint_answers_boto3_invoke_endpoint(byoc, adapter, demo_model, request_):
+    expected = open_backend(f"local:{demo_model}+{adapter}").generate([request_])[0]
+    response = _runtime(byoc).invoke_endpoint(EndpointName="chartqa-r1", Body=json.dumps(build_payload(request_, "seed")),
+                                              ContentType="application/json", Accept="application/json")
+    assert json.loads(response["Body"].read())["answer"] == expected
+    assert response["ContentType"] == "application/json" and response["InvokedProductionVariant"] == "AllTraffic"
+
+
+def test_byoc_entrypoint_streams_through_invoke_endpoint_with_response_stream(byoc, adapter, demo_model, request_):
+    from eval.endpoints import SSEDecoder
+    expected = open_backend(f"local:{demo_model}+{adapter}").generate([request_])[0]
+    response = _runtime(byoc).invoke_endpoint_with_response_stream(
+        EndpointName="chartqa-r1", Body=json.dumps(build_payload(request_, "openai", stream=True)),
+        ContentType="application/json", Accept="text/event-stream")
+    assert response["InvokedProductionVariant"] == "AllTraffic"
+    assert response["ContentType"] == "text/event-stream"
+    decoder, parts, pieces = SSEDecoder(), 0, []
+    for event in response["Body"]:                  # botocore's EventStream of PayloadPart events
+        parts += 1
+        pieces += decoder.feed(event["PayloadPart"]["Bytes"])
+    assert decoder.done and "".join(pieces).strip() == expected
+    assert parts == decoder.events, "one PayloadPart per event: sent as generated, not at the end"
+
+
+def test_byoc_container_invocations_stream_chunked_as_sagemaker_reads_them(byoc, request_):
+    import http.client
+    host, port = byoc.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/invocations", json.dumps(build_payload(request_, "seed", stream=True)),
+                 {"Content-Type": "application/json", "Accept": "text/event-stream"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Transfer-Encoding") == "chunked"
+    assert response.getheader("Content-Type") == "text/event-stream"
+    assert response.read().decode().rstrip().endswith("data: [DONE]")
+    conn.close()
+
+
+def test_image_url_that_fails_is_a_400_not_a_dropped_connection(byoc, request_):
+    status, body = post(byoc + "/invocations", {"question": "q", "image": byoc + "/no-such-image.png"})
+    assert status == 400 and b"HTTP 404" in body
+
+
+def test_output_follows_accept_and_never_hands_mms_a_generator(monkeypatch):
+    def prediction(stream):
+        base = {"wire": "seed", "model": "m", "created": 0}
+        return {**base, "stream": iter(["4", "2"])} if stream else {**base, "text": "42"}
+    assert json.loads(inference.output_fn(prediction(False), "application/json"))["answer"] == "42"
+    assert inference.output_fn(prediction(False), "text/plain") == "42"
+    assert inference.output_fn(prediction(True), "application/json") == json.dumps({"answer": "42", "generated_text": "42"})
+    assert not isinstance(inference.output_fn(prediction(True), "text/event-stream"), (bytes, str))   # streams here
+    monkeypatch.setenv("STUDIO_STREAMING", "0")                       # the hf-toolkit target
+    whole = inference.output_fn(prediction(True), "text/event-stream")
+    assert isinstance(whole, bytes) and whole.endswith(b"data: [DONE]\n\n") and b'"text": "42"' in whole
+    with pytest.raises(inference.BadRequest, match="Accept 'image/png' is not supported"):
+        inference.output_fn(prediction(False), "image/png")

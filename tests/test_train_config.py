@@ -68,3 +68,10 @@ def test_bad_values_are_refused_with_the_field_name():
         TrainConfig.from_dict({"lora_rank": 8})
     with pytest.raises(SystemExit):
         parse_args(["--deepspeed", "zero4"])
+
+
+def test_the_optimizer_names_checked_before_loading_are_those_transformers_accepts():
+    from transformers.training_args import OptimizerNames
+
+    from training.config import OPTIMIZERS
+    assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}

@@ -7,6 +7,7 @@
     python -m training jobs                       # every recorded job with a fresh status
     python -m training logs JOB [--tail 50]
     python -m training stop JOB
+    python -m training resume JOB                 # a stopped or killed local job continues from its checkpoint
 Training itself: python -m training.train --help
 """
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from training.config import TrainConfig
-from training.launchers import all_jobs, launchers, read_jobs
+from training.launchers import LocalLauncher, all_jobs, launchers, read_jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-spot", action="store_true")
         p.add_argument("--hours", type=float, default=24)
     sub.add_parser("jobs", help="list jobs")
-    for name in ("logs", "stop"):
+    for name in ("logs", "stop", "resume"):
         p = sub.add_parser(name)
         p.add_argument("job")
         p.add_argument("--tail", type=int, default=50)
@@ -52,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "estimate":
         print(table["sagemaker"].estimate()["text"])
     elif args.command == "launch":
-        cfg = TrainConfig.from_yaml(args.config)
         try:
+            cfg = TrainConfig.from_yaml(Path(args.config))
             if args.sagemaker:
                 print(table["sagemaker"].estimate()["text"])
                 job = table["sagemaker"].start(cfg, args.name)
@@ -73,7 +75,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no job {args.job!r} in {args.workspace}/jobs.jsonl", file=sys.stderr)
             return 2
         launcher = table[job["kind"]]
-        print(launcher.logs(job, args.tail) if args.command == "logs" else launcher.stop(job)["status"])
+        try:
+            if args.command == "resume":
+                job = LocalLauncher(args.workspace).resume(args.job)
+                print(json.dumps({k: job[k] for k in ("id", "kind", "status")}))
+                return 0
+            result = launcher.logs(job, args.tail) if args.command == "logs" else launcher.stop(job)
+        except ValueError as e:           # e.g. SageMaker refused, or the job cannot resume: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(result if isinstance(result, str) else result.get("message") or result["status"])
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,10 +85,23 @@ class TrainConfig:
     save_steps: int = _f(50, "Checkpoint every N steps.", group="eval")
     save_total_limit: int = _f(2, "Checkpoints kept (oldest deleted).", group="eval")
     logging_steps: int = _f(5, "Log loss and learning rate every N steps.", group="eval")
-    resume: str = _f("auto", "auto: continue from the newest checkpoint if any; never: start over; or a "
-                             "checkpoint folder.", group="eval")
+    resume: str = _f("auto", "auto: continue from the newest complete checkpoint if any; never: start over; "
+                             "or a checkpoint folder.", group="eval")
     seed: int = _f(42, "Random seed (data order, LoRA init).", group="eval")
     max_train_samples: int = _f(0, "Use only the first N training samples (0: all).", group="eval")
+
+    # ---------------------------------------------------------------- validation
+    def __post_init__(self):
+        # Every way a config is made (CLI, YAML, form, launcher, preset, replace) checks it here, before any
+        # model loads: a bad value costs a one-line message, not a model load and a traceback.
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError (one line, naming each bad field) unless every value is in range."""
+        problems = [p for check in _CHECKS for p in [check(self)] if p]
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return self
 
     # ---------------------------------------------------------------- YAML and dicts
     def to_dict(self) -> dict:
@@ -95,11 +109,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a mapping of TrainConfig fields, got {type(d).__name__} {str(d)[:60]!r}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)} (see `python -m training.train --help`)")
-        return cls(**{k: _coerce(known[k], v) for k, v in d.items()})
+            raise ConfigError(f"unknown config keys: {', '.join(map(str, unknown))} "
+                              "(see `python -m training.train --help`)")
+        values = {}
+        for k, v in d.items():
+            try:
+                values[k] = _coerce(known[k], v)
+            except ConfigError:
+                raise
+            except (TypeError, ValueError) as e:
+                kind = {int: "an integer", float: "a number"}.get(type(known[k].default), "text")
+                raise ConfigError(f"{k}: {v!r} is not {kind}") from None
+        return cls(**values)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         import yaml
@@ -112,20 +138,145 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path_or_text: str | Path) -> "TrainConfig":
-        import yaml
-
-        text = Path(path_or_text).read_text() if _is_file(path_or_text) else str(path_or_text)
-        return cls.from_dict(yaml.safe_load(text) or {})
+        """A YAML file (a Path, or a one-line string that is not YAML mapping text) or YAML text."""
+        return cls.from_dict(yaml_fields(path_or_text))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _is_file(x) -> bool:
+class ConfigError(ValueError):
+    """A config value out of range, an unknown key or name, a missing file: one line that says which."""
+
+
+def yaml_fields(path_or_text: str | Path) -> dict:
+    """The mapping in a YAML config file or text, unchecked (flags may still override its values)."""
+    import yaml
+
+    if _looks_like_path(path_or_text):
+        path = Path(path_or_text)
+        if not path.is_file():
+            raise ConfigError(f"no such config file: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+    else:
+        text = str(path_or_text)
     try:
-        return isinstance(x, Path) or (len(str(x)) < 4096 and "\n" not in str(x) and Path(x).is_file())
-    except OSError:
-        return False
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config is a mapping of TrainConfig fields, got {type(data).__name__} "
+                          f"{str(data)[:60]!r}")
+    return data
+
+
+def _looks_like_path(x) -> bool:
+    # A file name is one line without a "key: value" pair; YAML text for a config has at least one.
+    if isinstance(x, Path):
+        return True
+    text = str(x).strip()
+    return bool(text) and "\n" not in text and ": " not in text and not text.startswith("{")
+
+
+# The optimizer names TrainingArguments accepts (transformers.training_args.OptimizerNames, kept here so
+# checking a config needs no torch import; tests/test_train_config.py compares the two).
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad", "adamw_bnb_8bit",
+    "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit", "paged_adamw_8bit",
+    "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop", "rmsprop_bnb",
+    "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+    "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "lomo", "adalomo",
+    "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "apollo_adamw",
+    "apollo_adamw_layerwise", "stable_adamw")
+
+
+def _at_least(name: str, low, note: str = ""):
+    def check(cfg):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+            return f"{name}: {value!r} must be >= {low}{note}"
+    return check
+
+
+def _between(name: str, low: float, high: float, high_open: bool = True):
+    def check(cfg):
+        value = getattr(cfg, name)
+        ok = isinstance(value, (int, float)) and low <= value and (value < high if high_open else value <= high)
+        if not ok:
+            return f"{name}: {value!r} must be in [{low}, {high}{')' if high_open else ']'}"
+    return check
+
+
+def _positive(name: str):
+    def check(cfg):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            return f"{name}: {value!r} must be > 0"
+    return check
+
+
+def _choices(cfg) -> str | None:
+    bad = [f"{f.name}: {getattr(cfg, f.name)!r} is not one of {', '.join(f.metadata['choices'])}"
+           for f in dataclasses.fields(cfg) if f.metadata.get("choices")
+           and getattr(cfg, f.name) not in f.metadata["choices"]]
+    return "; ".join(bad) or None
+
+
+def _length(cfg) -> str | None:
+    # epochs 0 with no max_steps would "complete" at step 0 and save an untrained adapter.
+    if cfg.max_steps == -1 or cfg.max_steps == 0:
+        if not isinstance(cfg.epochs, (int, float)) or not cfg.epochs > 0:
+            return f"epochs: {cfg.epochs!r} must be > 0 (or set max_steps)"
+    if not isinstance(cfg.max_steps, int) or (cfg.max_steps != -1 and cfg.max_steps < 1):
+        return f"max_steps: {cfg.max_steps!r} must be -1 (run all epochs) or >= 1"
+    return None
+
+
+def _optimizer(cfg) -> str | None:
+    if cfg.optim not in OPTIMIZERS:
+        close = [o for o in OPTIMIZERS if cfg.optim and (cfg.optim in o or o in cfg.optim)][:4]
+        return f"optim: unknown optimizer {cfg.optim!r}" + (f" (did you mean {', '.join(close)}?)" if close else
+                                                            " (e.g. adamw_torch, paged_adamw_8bit)")
+    return None
+
+
+def _regex(cfg) -> str | None:
+    try:
+        re.compile(cfg.lora_target)
+    except (re.error, TypeError) as e:
+        return f"lora_target: {cfg.lora_target!r} is not a regular expression ({e})"
+    return None
+
+
+def _names(cfg) -> str | None:
+    bad = [m for m in str(cfg.modules_to_save).split(",") if m.strip() and not re.fullmatch(r"[\w.]+", m.strip())]
+    if bad:
+        return f"modules_to_save: {bad[0].strip()!r} is not a module name"
+    if not str(cfg.model).strip():
+        return "model: empty (a local folder or a Hugging Face hub id)"
+    if not str(cfg.output_dir).strip():
+        return "output_dir: empty"
+    if not str(cfg.resume).strip():
+        return "resume: empty (auto, never or a checkpoint folder)"
+    return None
+
+
+_CHECKS = (
+    _choices, _length, _optimizer, _regex, _names,
+    _at_least("lora_r", 1), _positive("lora_alpha"), _between("lora_dropout", 0.0, 1.0),
+    _positive("learning_rate"), _at_least("mm_projector_lr", 0), _at_least("weight_decay", 0),
+    _between("warmup_ratio", 0.0, 1.0), _at_least("per_device_batch_size", 1), _at_least("grad_accum", 1),
+    _at_least("max_length", 1), _at_least("dataloader_workers", 0), _at_least("eval_steps", 0, " (0: only at the end)"),
+    _at_least("eval_limit", 0), _at_least("eval_max_new_tokens", 1), _at_least("save_steps", 1),
+    _at_least("save_total_limit", 1, " (a checkpoint to resume from)"), _at_least("logging_steps", 1),
+    _at_least("seed", 0), _at_least("max_train_samples", 0, " (0: all)"),
+)
 
 
 def _coerce(f: dataclasses.Field, value):
@@ -137,7 +288,7 @@ def _coerce(f: dataclasses.Field, value):
         value = kind(float(value)) if kind is int and isinstance(value, str) and "." in value else kind(value)
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ValueError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
+        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(choices)}")
     return value
 
 
@@ -149,7 +300,7 @@ def _bool(value) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected true or false, got {value!r}")
+    raise ConfigError(f"expected true or false, got {value!r}")
 
 
 # ---------------------------------------------------------------- presets (dict literals)
@@ -174,7 +325,7 @@ PRESETS: dict[str, dict] = {
         "lora_dropout": 0.0, "learning_rate": 3e-3, "mm_projector_lr": 1e-3, "lr_scheduler": "cosine",
         "warmup_ratio": 0.05, "bf16": "false", "tf32": "false", "gradient_checkpointing": False,
         "max_length": 256, "epochs": 1.0, "max_steps": 300, "per_device_batch_size": 16, "grad_accum": 1,
-        "eval_steps": 0, "eval_limit": 40, "eval_max_new_tokens": 8, "save_steps": 1000, "logging_steps": 25,
+        "eval_steps": 0, "eval_limit": 40, "eval_max_new_tokens": 8, "save_steps": 50, "logging_steps": 25,
         "dataloader_workers": 0, "attn_implementation": "sdpa", "deepspeed": "none",
     },
 }
@@ -182,7 +333,7 @@ PRESETS: dict[str, dict] = {
 
 def preset(name: str, **overrides) -> TrainConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return TrainConfig.from_dict({**PRESETS[name], **overrides})
 
 
@@ -221,7 +372,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if args.preset:
         base.update(PRESETS[args.preset])
     if args.config:
-        base.update(TrainConfig.from_yaml(Path(args.config)).to_dict())
+        base.update(yaml_fields(Path(args.config)))
     base.update({k: v for k, v in vars(args).items() if k not in ("config", "preset")})
     return TrainConfig.from_dict(base)
 

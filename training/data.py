@@ -263,3 +263,30 @@ class Collator:
             if key not in out and torch.is_tensor(batch[0][key]):
                 out[key] = torch.cat([b[key] for b in batch if key in b])
         return out
+
+
+class EpochSampler:
+    """Training order as a function of (seed, epoch) only, so a resumed run sees the batches the
+    uninterrupted run saw. The Trainer calls `set_epoch` before each epoch, also on the loader that skips
+    a resumed epoch's finished batches. With `lengths`, batches group samples of similar length (the
+    Trainer's LengthGroupedSampler order, from this sampler's own generator)."""
+
+    def __init__(self, n: int, seed: int, batch_size: int = 1, lengths: list[int] | None = None):
+        self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.lengths:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+        return iter(torch.randperm(self.n, generator=generator).tolist())

@@ -5,6 +5,7 @@
     launcher.logs(job, tail=50)      # -> the last log lines
     launcher.stop(job)
     launcher.list()                  # -> this launcher's jobs, newest first
+    LocalLauncher(ws).resume(job_id) # a stopped or killed local job continues in its run folder
 
 Jobs are recorded in WORKSPACE/jobs.jsonl (append-only; the latest line per job id wins), so a restarted
 studio finds running and finished jobs again. A local job is a subprocess of the real CLI
@@ -111,9 +112,11 @@ class LocalLauncher:
         self.workspace = Path(workspace)
         self.python = python
 
-    def start(self, cfg: TrainConfig, name: str | None = None, gpus: int = 1) -> dict:
-        name = run_name(cfg, name)
-        run_dir = (self.workspace / "runs" / name).resolve()
+    def start(self, cfg: TrainConfig, name: str | None = None, gpus: int = 1, run_dir: Path | None = None) -> dict:
+        """A new job in runs/NAME-timestamp, or (`run_dir`, what `resume` passes) in an existing run folder."""
+        cfg.validate()              # before a process or a folder exists
+        name = run_name(cfg, name) if run_dir is None else Path(run_dir).name
+        run_dir = (self.workspace / "runs" / name).resolve() if run_dir is None else Path(run_dir).resolve()
         data = cfg.data if not cfg.data or cfg.data.startswith("s3://") else str(Path(cfg.data).resolve())
         model = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
         cfg = cfg.replace(output_dir=str(run_dir), data=data, model=model)
@@ -131,7 +134,27 @@ class LocalLauncher:
         return record(self.workspace, {"id": name, "kind": self.kind, "name": name, "status": "running",
                                        "pid": proc.pid, "cmd": cmd, "config": str(config_path),
                                        "output_dir": str(run_dir), "log": str(log), "created": time.time(),
-                                       "model": cfg.model, "data": cfg.data, "mode": cfg.mode})
+                                       "model": cfg.model, "data": cfg.data, "mode": cfg.mode, "gpus": gpus})
+
+    def resume(self, job_id: str) -> dict:
+        """Relaunch a stopped, killed, interrupted or failed job in its own run folder with its own config:
+        training continues from the newest complete checkpoint (`--resume auto`), under the same job id."""
+        job = read_jobs(self.workspace).get(job_id)
+        if job is None:
+            raise ValueError(f"no job {job_id!r} in {self.workspace / JOBS_FILE}")
+        if job.get("kind") != self.kind:
+            raise ValueError(f"job {job_id} runs on {job.get('kind')}: only local jobs are relaunched here "
+                             "(SageMaker restarts spot jobs from their checkpoints itself)")
+        status = self.status(job)["status"]
+        if status == "running":
+            raise ValueError(f"job {job_id} is still running")
+        if status == "completed" or (Path(job["output_dir"]) / "adapter" / "adapter_config.json").exists():
+            raise ValueError(f"job {job_id} completed: nothing to resume (launch a new run instead)")
+        # overwrite would restart from step 0 and delete the checkpoints this relaunch is for.
+        cfg = TrainConfig.from_yaml(Path(job["config"])).replace(overwrite=False, resume="auto")
+        new = self.start(cfg, gpus=int(job.get("gpus") or 1), run_dir=Path(job["output_dir"]))
+        return record(self.workspace, {**new, "created": job.get("created", new["created"]), "detail": "",
+                                       "ended": None, "resumed": time.time(), "resumes": job.get("resumes", 0) + 1})
 
     def _running(self, job: dict) -> bool:
         """Whether the job's process runs. For a job this process started, its handle decides: just after

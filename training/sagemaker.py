@@ -39,6 +39,15 @@ STATUS = {"InProgress": "running", "Completed": "completed", "Failed": "failed",
 GPUS_PER_INSTANCE = {"ml.g5.12xlarge": 4, "ml.g5.24xlarge": 4, "ml.g5.48xlarge": 8, "ml.g6e.12xlarge": 4,
                      "ml.g6e.24xlarge": 4, "ml.g6e.48xlarge": 8, "ml.p4d.24xlarge": 8, "ml.p4de.24xlarge": 8,
                      "ml.p5.48xlarge": 8}
+# What a secondary status means for the user. `Interrupted` is a spot reclaim the job may come back from
+# (it resumes from its last checkpoint); `MaxWaitTimeExceeded` is the terminal one: capacity not regained.
+SECONDARY_DETAIL = {
+    "Interrupted": "spot instance reclaimed; waiting for capacity to resume from the last checkpoint",
+    "MaxWaitTimeExceeded": "spot capacity not regained within max wait; stopped (relaunch to resume from the "
+                           "last checkpoint)",
+    "MaxRuntimeExceeded": "ran past max runtime; stopped",
+    "Stopped": "stopped on request",
+}
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 
@@ -222,8 +231,10 @@ class SageMakerLauncher:
         s3 = self.client("s3")
         key = f"{s.prefix}/jobs/{name}"
         s3.put_object(Bucket=s.bucket, Key=f"{key}/sourcedir.tar.gz", Body=pack_code())
+        # Under the job's own prefix: a shared datasets/<folder>/ keeps files a later version of the folder
+        # no longer has, and the S3Prefix channel would hand them to every later job.
         data_uri = cfg.data if cfg.data.startswith("s3://") else \
-            upload_folder(s3, Path(cfg.data), s.bucket, f"{s.prefix}/datasets/{Path(cfg.data).resolve().name}")
+            upload_folder(s3, Path(cfg.data), s.bucket, f"{key}/data")
         model_uri = upload_folder(s3, Path(cfg.model), s.bucket, f"{key}/model") if local_model else None
         request = build_request(cfg, s, name, f"s3://{s.bucket}/{key}/sourcedir.tar.gz", data_uri, model_uri)
         arn = self.client("sagemaker").create_training_job(**request)["TrainingJobArn"]
@@ -238,9 +249,10 @@ class SageMakerLauncher:
         desc = self.client("sagemaker", job.get("region")).describe_training_job(TrainingJobName=job["id"])
         metrics = {m["MetricName"]: m["Value"] for m in desc.get("FinalMetricDataList", [])}
         status = STATUS.get(desc["TrainingJobStatus"], desc["TrainingJobStatus"].lower())
-        detail = desc.get("FailureReason") or desc.get("SecondaryStatus", "")
-        if status == "stopped" and desc.get("SecondaryStatus") == "Interrupted":
-            detail = "spot capacity reclaimed and not regained within max wait"
+        secondary = desc.get("SecondaryStatus", "")
+        detail = desc.get("FailureReason") or SECONDARY_DETAIL.get(secondary, secondary)
+        if status == "stopped" and secondary == "Interrupted":
+            detail = "stopped while its spot instance was reclaimed (relaunch to resume from the last checkpoint)"
         job = {**job, "status": status, "secondary_status": desc.get("SecondaryStatus"), "detail": detail,
                **metrics, **billed_cost(desc)}
         if status in ("completed", "failed", "stopped") and read_jobs(self.workspace).get(job["id"], {}).get(
@@ -263,7 +275,23 @@ class SageMakerLauncher:
         return "\n".join(lines[-tail_lines:]) or "(no log lines yet)"
 
     def stop(self, job: dict) -> dict:
-        self.client("sagemaker", job.get("region")).stop_training_job(TrainingJobName=job["id"])
+        """Stop a running job. One that already ended is not an error: its final state is returned, with
+        a `message` saying there was nothing to stop."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client("sagemaker", job.get("region")).stop_training_job(TrainingJobName=job["id"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("ValidationException", "ResourceNotFound"):
+                raise SageMakerError(f"cannot stop {job['id']}: {e.response.get('Error', {}).get('Message', e)}") from None
+            try:
+                final = self.status(job)
+            except ClientError:
+                raise SageMakerError(f"cannot stop {job['id']}: "
+                                     f"{e.response.get('Error', {}).get('Message', e)}") from None
+            if final["status"] in ("running", "stopping"):
+                raise SageMakerError(f"cannot stop {job['id']}: {e.response.get('Error', {}).get('Message', e)}")
+            return {**final, "message": f"{job['id']} already {final['status']}; nothing to stop"}
         return record(self.workspace, {**job, "status": "stopping"})
 
     def list(self) -> list[dict]:

@@ -9,8 +9,10 @@ Reads top to bottom: config -> model (+4-bit, +LoRA) -> data -> train -> save. T
 OUTPUT/adapter/ (PEFT adapter; the projector rides along through `modules_to_save`, so
 `disable_adapter()` gives the base back), its train_config.yaml and a model card. OUTPUT/metrics.jsonl has
 one line per log. SIGTERM (Ctrl-C, `stop`, a spot interruption) saves a checkpoint and exits 143; running
-again continues from it (`--resume auto`, the default). On SageMaker the same script reads
-SM_CHANNEL_TRAIN / SM_MODEL_DIR / SM_OUTPUT_DATA_DIR and checkpoints to /opt/ml/checkpoints.
+again continues from the newest complete checkpoint (`--resume auto`, the default; training.checkpoints)
+with the data order and RNG states of the uninterrupted run, so both end with the same adapter. On
+SageMaker the same script reads SM_CHANNEL_TRAIN / SM_MODEL_DIR / SM_OUTPUT_DATA_DIR and checkpoints to
+/opt/ml/checkpoints.
 """
 from __future__ import annotations
 
@@ -24,8 +26,11 @@ import time
 from pathlib import Path
 
 from charts.io import append_jsonl, atomic_write_json, atomic_write_text
-from training.config import TrainConfig, parse_args
-from training.data import ChatDataset, Collator, first_question, image_side, load_image, read_records, split_file
+from training.checkpoints import (COMPLETE_MARKER, ResumeError, checkpoint_global_step, choose_resume,
+                                  complete_checkpoints, remove_checkpoints, set_aside_incomplete, trim_metrics)
+from training.config import ConfigError, TrainConfig, parse_args
+from training.data import (ChatDataset, Collator, EpochSampler, first_question, image_side, load_image, read_records,
+                           split_file)
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 DEEPSPEED = {"none": None, "zero2": "zero2.json", "zero3_offload": "zero3_offload.json"}
@@ -186,7 +191,7 @@ def projector_param(name: str) -> bool:
 # ---------------------------------------------------------------- trainer and callbacks
 def _trainer_class():
     from transformers import Trainer
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_utils import rotate_checkpoints
 
     class LlavaTrainer(Trainer):
         """Two learning rates (projector vs language model), and length groups from precomputed lengths
@@ -206,11 +211,33 @@ def _trainer_class():
             return self.optimizer
 
         def _get_train_sampler(self, *args, **kwargs):
+            # The order of every epoch is a function of (seed, epoch) alone. Samplers drawing from the global
+            # RNG (the stock LengthGroupedSampler) shuffle a resumed epoch differently from the uninterrupted
+            # run: the global RNG at resume time is not the one the original epoch started with.
             lengths = getattr(self.train_dataset, "lengths", None)
-            if self.group_by_length and lengths:
-                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                            lengths=lengths)
-            return super()._get_train_sampler(*args, **kwargs)
+            grouped = self.group_by_length and lengths
+            return EpochSampler(len(self.train_dataset), seed=self.args.data_seed or self.args.seed,
+                                batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                lengths=lengths if grouped else None)
+
+        def _save_checkpoint(self, model, trial):
+            # Rotation waits until the new checkpoint is marked complete: HF rotates inside its save, so a
+            # kill between the two could leave only an unmarked newest checkpoint (save_total_limit 1).
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                (folder / COMPLETE_MARKER).unlink(missing_ok=True)    # saved again (SIGTERM on a save step)
+            limit = self.args.save_total_limit
+            self.args.save_total_limit = None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.world_size > 1:
+                self.accelerator.wait_for_everyone()      # every rank's shards are on disk
+            if self.args.should_save:
+                atomic_write_json(folder / COMPLETE_MARKER, {"step": self.state.global_step, "time": time.time()})
+                rotate_checkpoints(output_dir=str(folder.parent), save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint)
 
     return LlavaTrainer
 
@@ -299,9 +326,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     Raises TrainError for problems the user must fix."""
     import torch
     from transformers import TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     # 1. config
+    cfg.validate()              # fields may have been set after construction
     cfg, paths = resolve_paths(cfg, env)
     out, adapter_dir = Path(cfg.output_dir), paths["adapter"]
     check_output(adapter_dir, cfg.overwrite)
@@ -312,8 +339,21 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     bf16 = auto_flag(cfg.bf16, on_cuda and torch.cuda.is_bf16_supported())
     tf32 = auto_flag(cfg.tf32, on_cuda and torch.cuda.get_device_capability()[0] >= 8)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        paths["metrics"].unlink(missing_ok=True)      # a fresh run gets a fresh curve
+    ckpt_dir = paths["checkpoints"]
+    main_process = int(env.get("RANK", "0")) == 0
+    if main_process:
+        (out / "result.json").unlink(missing_ok=True)     # it describes an earlier attempt, not this one
+        if cfg.overwrite:
+            paths["metrics"].unlink(missing_ok=True)      # a fresh run gets a fresh curve
+            if cfg.resume in ("auto", "never"):
+                remove_checkpoints(ckpt_dir)            # never to be resumed by a later run of this folder
+        set_aside_incomplete(ckpt_dir)
+    try:
+        resume = choose_resume(cfg, ckpt_dir, say=print if main_process else (lambda *_: None))
+    except ResumeError as e:
+        raise TrainError(str(e)) from None
+    if main_process:
+        trim_metrics(paths["metrics"], checkpoint_global_step(resume) if resume else 0)
     cfg.to_yaml(out / "train_config.yaml")
 
     # 2. model (+4-bit, +LoRA; vision tower frozen, projector trained in full)
@@ -335,12 +375,6 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     questions = [dict(zip(("question", "answer"), first_question(r)), image=r["image"]) for r in val_records]
 
     # 4. train
-    ckpt_dir = paths["checkpoints"]
-    resume = None
-    if cfg.resume == "auto":
-        resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() and not cfg.overwrite else None
-    elif cfg.resume != "never":
-        resume = cfg.resume
     evaluate = val_set is not None and cfg.eval_steps > 0
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.per_device_batch_size,
@@ -363,7 +397,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     trainer.projector_lr, trainer.group_by_length = cfg.mm_projector_lr, cfg.group_by_length
     previous = _on_sigterm(stop)
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainError("CUDA out of memory: try --mode qlora, a smaller --per_device_batch_size (with a larger "
                          "--grad_accum), --gradient_checkpointing, a shorter --max_length, or "
@@ -371,8 +405,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     finally:
         _restore_sigterm(previous)
     if stop.is_set():
+        newest = complete_checkpoints(ckpt_dir)
         return _finish(out, {"status": "interrupted", "step": trainer.state.global_step,
-                             "checkpoint": get_last_checkpoint(str(ckpt_dir))})
+                             "checkpoint": str(newest[-1]) if newest else None})
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if val_set is not None and (not evals or evals[-1].get("step") != trainer.state.global_step):
         trainer.evaluate()      # the final numbers for the model card, unless the last step just had them
@@ -455,7 +490,11 @@ model = PeftModel.from_pretrained(base, "path/to/this/folder")   # base answers:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:        # before any model loads: one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     try:
         result = train(cfg)
     except TrainError as e:

@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     p.add_argument("--bucket", required=True)
     p.add_argument("--instance-type", default="ml.g5.2xlarge")
     p.add_argument("--count", type=int, default=1)
+    p.add_argument("--target", default="hf-toolkit", choices=("hf-toolkit", "byoc"),
+                   help="hf-toolkit: Hugging Face inference DLC, whole answers; byoc: the studio's own server "
+                        "image (training/serving/Dockerfile, needs --image), whole answers and streaming")
     p.add_argument("--image", default=None, help="inference image URI ({region} is filled in)")
     p.add_argument("--region", default=None)
     p.add_argument("--wait", action="store_true", help="wait until InService")
@@ -73,9 +76,16 @@ def main(argv=None) -> int:
         if not args.yes and input("Create this endpoint? It bills until deleted. [y/N] ").strip().lower() != "y":
             print("not deployed")
             return 1
-        record = pkg.deploy(args.model, args.name, args.role, args.bucket, args.workspace, args.instance_type,
-                            args.count, args.image, args.region, wait=args.wait, endpoint_url=args.endpoint_url)
-        print(f"endpoint {record['name']} created; delete it with: python -m training.serving delete {record['name']}")
+        try:
+            record = pkg.deploy(args.model, args.name, args.role, args.bucket, args.workspace, args.instance_type,
+                                args.count, args.image, args.region, wait=args.wait, endpoint_url=args.endpoint_url,
+                                target=args.target)
+        except ValueError as e:           # a bad name, a byoc target without --image: before anything is created
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"endpoint {record['name']} created ({record['target']}, wire {record['wire']}, "
+              f"{'streams' if record['streams'] else 'no streaming'}); "
+              f"delete it with: python -m training.serving delete {record['name']}")
     elif args.command == "endpoints":
         rows = pkg.list_endpoints(args.workspace, refresh=not args.no_refresh, endpoint_url=args.endpoint_url)
         if not rows:

@@ -13,14 +13,18 @@ so it must import nothing from training/.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
+import re
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 from eval.images import ImageError, load_image
-from eval.local import LocalBackend
+from eval.local import Engine, LocalBackend
 from eval.protocol import Request
 
 MAX_QUESTION_CHARS = 4000
@@ -42,9 +46,57 @@ def model_fn(model_dir, context=None) -> dict:
         raise RuntimeError(f"no base model: set BASE_MODEL_ID or write serving.json with a 'base' in {model_dir}")
     quantize = os.environ.get("QUANTIZE") or settings.get("quantize", "auto")
     has_adapter = (model_dir / "adapter_config.json").is_file()
-    backend = LocalBackend(base, model_dir if has_adapter else None, quantize=quantize)
-    base_backend = LocalBackend(base, quantize=quantize) if has_adapter else backend   # same engine
+    engine = Engine(base, quantize=quantize)          # one copy of the base serves the adapter and the base
+    backend = LocalBackend(engine, model_dir if has_adapter else None)
+    base_backend = LocalBackend(engine) if has_adapter else backend
     return {"tuned": backend, "base": base_backend, "name": settings.get("name") or backend.name}
+
+
+MAX_IMAGE_BYTES = 50 * 1024 * 1024
+URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+METADATA_HOSTS = {ipaddress.ip_address("fd00:ec2::254")}    # IMDS over IPv6 (not link-local)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect could lead to a scheme or host the URL check refused (file:, the metadata service)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise BadRequest(f"image URL {req.full_url} redirects ({code}) to {newurl}: give the final URL")
+
+
+def _check_image_url(url: str) -> None:
+    """Only http(s) to a routable or loopback host: never file:, ftp: or the link-local metadata service,
+    which would hand the endpoint's own credentials to whoever chose the URL."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"image URL scheme {parts.scheme!r} is refused: send http(s)://, data: or base64")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as e:
+        raise BadRequest(f"image URL {url}: cannot resolve {parts.hostname} ({e})") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        address = getattr(address, "ipv4_mapped", None) or address
+        if address.is_link_local or address.is_multicast or address.is_unspecified or address in METADATA_HOSTS:
+            raise BadRequest(f"image URL {url}: host {parts.hostname} ({address}) is refused")
+
+
+def _fetch(url: str) -> bytes:
+    _check_image_url(url)
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(url, timeout=10) as response:       # noqa: S310 - scheme and host checked above
+            data = response.read(MAX_IMAGE_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise BadRequest(f"image URL {url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:             # refused, DNS, timeout, reset
+        raise BadRequest(f"image URL {url}: {getattr(e, 'reason', e)}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise BadRequest(f"image URL {url}: more than {MAX_IMAGE_BYTES // 2**20} MB")
+    return data
 
 
 def _image(value):
@@ -52,19 +104,17 @@ def _image(value):
         return None
     if not isinstance(value, str):
         raise BadRequest("image must be a base64 string, a data: URL or an http(s) URL")
-    if value.startswith(("http://", "https://")):
-        import urllib.request
-        with urllib.request.urlopen(value, timeout=10) as response:   # noqa: S310 - user-chosen image URL
-            data = response.read(50 * 1024 * 1024 + 1)
-    else:
-        if value.startswith("data:"):
-            value = value.split(",", 1)[-1]
+    if value.startswith("data:"):
+        value = value.split(",", 1)[-1]
+    elif URL_SCHEME.match(value):            # base64 has no ':', so this is a URL (maybe file: or ftp:)
+        value = _fetch(value)
+    if isinstance(value, str):
         try:
-            data = base64.b64decode(value, validate=False)
+            value = base64.b64decode(value, validate=False)
         except ValueError:
             raise BadRequest("image is not valid base64") from None
     try:
-        return load_image(data)
+        return load_image(value)
     except ImageError as e:
         raise BadRequest(f"image: {e}") from None
 
@@ -131,19 +181,62 @@ def predict_fn(data: dict, model: dict) -> dict:
     return {**out, "text": backend.generate([data["request"]])[0]}
 
 
+ACCEPTS = ("application/json", "text/plain", "text/event-stream")
+
+
+def can_stream() -> bool:
+    """False in the Hugging Face inference toolkit container (deploy sets STUDIO_STREAMING=0): its model
+    server (MMS) sends str/bytes as they are, json.dumps anything else and answers 503 for a generator."""
+    return os.environ.get("STUDIO_STREAMING", "1") != "0"
+
+
+def response_type(prediction: dict, accept: str | None) -> str:
+    """The media type output_fn answers with: the request's Accept, or JSON (SSE for a stream) for */*."""
+    wanted = [a.split(";")[0].strip().lower() for a in (accept or "").split(",") if a.strip()]
+    for media in wanted:
+        if media in ACCEPTS:
+            return media
+        if media in ("*/*", "application/*", "text/*"):
+            if "stream" in prediction and media != "application/*":
+                return "text/event-stream"
+            return "text/plain" if media == "text/*" else "application/json"
+    if not wanted:
+        return "text/event-stream" if "stream" in prediction else "application/json"
+    raise BadRequest(f"Accept {accept!r} is not supported: ask for {', '.join(ACCEPTS)}")
+
+
 def output_fn(prediction: dict, accept="application/json"):
-    """JSON for a whole answer; for a stream, an iterator of SSE byte lines ending `data: [DONE]`
-    (the local server and response-streaming endpoints send them as they come)."""
-    if "stream" in prediction:
-        return sse_events(prediction)
+    """The answer in the media type of `accept`: JSON (the wire's shape), plain text, or server-sent events
+    ending `data: [DONE]`. A stream is an iterator of SSE byte lines (the local server and the streaming
+    container send them as they come); where streaming is off, or the client asked for a whole answer,
+    the pieces are joined into one body."""
+    media = response_type(prediction, accept)
+    if media == "text/event-stream":
+        if "stream" in prediction and can_stream():
+            return sse_events(prediction)
+        return b"".join(sse_events({**prediction, "stream": [_text(prediction)]}))
+    text = _text(prediction)
+    if media == "text/plain":
+        return text
     if prediction["wire"] == "openai":
         body = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
                 "created": prediction["created"], "model": prediction["model"],
                 "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": prediction["text"]}}]}
+                             "message": {"role": "assistant", "content": text}}]}
     else:
-        body = {"answer": prediction["text"], "generated_text": prediction["text"]}
+        body = {"answer": text, "generated_text": text}
     return json.dumps(body)
+
+
+def _text(prediction: dict) -> str:
+    if "stream" not in prediction:
+        return prediction["text"]
+    pieces = prediction["stream"]
+    try:
+        return "".join(pieces)
+    finally:
+        if hasattr(pieces, "close"):
+            pieces.close()
 
 
 def sse_events(prediction: dict):

@@ -24,6 +24,15 @@ from types import SimpleNamespace
 MAX_BODY = 6 * 1024 * 1024
 STREAM_PATH = re.compile(r"^/endpoints/([^/]+)/invocations-response-stream$")
 INVOKE_PATH = re.compile(r"^/endpoints/([^/]+)/invocations$")
+VARIANT = {"x-Amzn-Invoked-Production-Variant": "AllTraffic"}    # the service names the variant that answered
+
+
+def _wants_stream(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and bool(data.get("stream"))
 
 
 def event_message(headers: dict[str, str], payload: bytes) -> bytes:
@@ -51,7 +60,8 @@ def stream_error(message: str) -> bytes:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"        # one request per connection: the body ends when the socket closes
+    protocol_version = "HTTP/1.1"        # chunked streams, as SageMaker reads a container's; one request per
+                                         # connection (Connection: close) keeps the threads simple
     server: "EndpointServer"
 
     def log_message(self, fmt, *args):   # quiet by default; `serve --verbose` turns it on
@@ -69,9 +79,11 @@ class _Handler(BaseHTTPRequestHandler):
         stream_match, invoke_match = STREAM_PATH.match(path), INVOKE_PATH.match(path)
         length = int(self.headers.get("Content-Length") or 0)
         self.server.hits += 1
-        if path in ("/invocations", "/v1/chat/completions"):     # container contract; OpenAI clients
+        if path == "/invocations":                               # the container contract
+            return self._container(self.rfile.read(length), self.headers.get("Accept"))
+        if path == "/v1/chat/completions":                       # OpenAI clients: the body's "stream" decides
             body = self.rfile.read(length)
-            return self._container(body)
+            return self._container(body, "text/event-stream" if _wants_stream(body) else "application/json")
         if not (stream_match or invoke_match):
             return self._send(404, b'{"error": "not found"}', "application/json")
         name = (stream_match or invoke_match).group(1)
@@ -88,31 +100,36 @@ class _Handler(BaseHTTPRequestHandler):
                                                            self.headers.get("Accept"))
         if status != 200:
             return self._model_error(status, content)
-        self._send(200, content, content_type, {"x-Amzn-Invoked-Production-Variant": "AllTraffic"})
+        self._send(200, content, content_type, VARIANT)
 
     # ---- the container contract ----
-    def _container(self, body: bytes):
-        status, content, content_type = self.server.invoke(body, self.headers.get("Content-Type"),
-                                                           self.headers.get("Accept"), stream_ok=True)
-        if not isinstance(content, (bytes, str)):          # an SSE iterator
-            self._start(200, "text/event-stream")
+    def _container(self, body: bytes, accept):
+        status, content, content_type = self.server.invoke(body, self.headers.get("Content-Type"), accept,
+                                                           stream_ok=True)
+        if not isinstance(content, (bytes, str)):          # an SSE iterator: HTTP/1.1 chunked, as it comes
+            self._start(200, "text/event-stream", {"Transfer-Encoding": "chunked"})
             try:
                 for chunk in content:
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
+                    self._chunk(chunk)
+                self._chunk(b"")
             except (BrokenPipeError, ConnectionResetError):
                 pass
             except Exception as e:                            # noqa: BLE001 - reported in-band
-                self.wfile.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+                self._chunk(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+                self._chunk(b"")
             finally:
                 content.close()
             return
         self._send(status, content, content_type)
 
+    def _chunk(self, data: bytes):
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
     # ---- the runtime API ----
     def _runtime_stream(self, body: bytes):
-        status, content, _ = self.server.invoke(body, self.headers.get("Content-Type"),
-                                                self.headers.get("X-Amzn-SageMaker-Accept"), stream_ok=True)
+        status, content, content_type = self.server.invoke(body, self.headers.get("Content-Type"),
+                                                           self.headers.get("X-Amzn-SageMaker-Accept"), stream_ok=True)
         if status != 200:
             return self._model_error(status, content)
         if isinstance(content, (bytes, str)):                 # not a stream request: one part
@@ -125,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status = 400 if isinstance(e, ValueError) else 500
                 return self._model_error(status, json.dumps({"error": str(e)}).encode())
             self._start(200, "application/vnd.amazon.eventstream",
-                        {"X-Amzn-SageMaker-Content-Type": "text/event-stream"})
+                        {"X-Amzn-SageMaker-Content-Type": content_type, **VARIANT})
             try:
                 for chunk in ([first] if first is not None else []):
                     self._write_parts(chunk)
@@ -163,8 +180,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, "application/json", {"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/"})
 
     def _start(self, status: int, content_type: str, headers: dict | None = None):
+        self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        self.send_header("Connection", "close")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
@@ -199,17 +218,20 @@ class EndpointServer(ThreadingHTTPServer):
             data = h.input_fn(body, content_type or "application/json")
         except ValueError as e:                     # BadRequest and friends
             return 400, json.dumps({"error": str(e)}).encode(), "application/json"
+        except Exception as e:                      # noqa: BLE001 - never drop the connection
+            return 500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json"
         if isinstance(data, dict) and data.get("stream") and not stream_ok:
             data = {**data, "stream": False}       # plain invoke of a stream request: answer whole
         try:
             prediction = h.predict_fn(data, self.model)
-            output = h.output_fn(prediction, accept or "application/json")
-        except ValueError as e:                     # e.g. prompt longer than the model's context
+            media = getattr(h, "response_type", lambda p, a: "application/json")(prediction, accept)
+            output = h.output_fn(prediction, accept)
+        except ValueError as e:                     # e.g. prompt longer than the model's context, bad Accept
             return 400, json.dumps({"error": str(e)}).encode(), "application/json"
         except Exception as e:                      # noqa: BLE001 - the handler failed
             return 500, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode(), "application/json"
         if isinstance(output, (bytes, str)):
-            return 200, output if isinstance(output, bytes) else output.encode(), "application/json"
+            return 200, output if isinstance(output, bytes) else output.encode(), media
         return 200, output, "text/event-stream"
 
     def start(self) -> "EndpointServer":
@@ -226,5 +248,5 @@ def load_server(model_dir, host: str = "127.0.0.1", port: int = 8080, **kwargs) 
 def handler_with(**overrides):
     """The real handler with some functions replaced (tests: a slow or failing predict_fn)."""
     from training.serving import inference
-    functions = {name: getattr(inference, name) for name in ("input_fn", "predict_fn", "output_fn")}
+    functions = {name: getattr(inference, name) for name in ("input_fn", "predict_fn", "output_fn", "response_type")}
     return SimpleNamespace(**{**functions, **overrides})
