@@ -24,3 +24,18 @@ def test_run_base_vs_adapter_then_browse_and_export(studio_page):
         page.get_by_role("button", name="HTML", exact=True).click()
     html = download.value.path().read_text()
     assert download.value.suggested_filename == "report.html" and "<html" in html and "http://" not in html
+
+
+def test_an_eval_run_from_the_command_line_appears_on_reload_with_its_samples(studio_page):
+    from eval.run import run_eval
+
+    page, workspace = studio_page
+    base = workspace / "models" / "demo-llava"
+    adapter = workspace / "runs" / "demo-adapter" / "adapter"
+    run_eval(str(workspace / "datasets" / "demo"), [f"local:{base}", f"local:{base}+{adapter}"],
+             workspace / "evals" / "cli-eval", split="test", limit=4)
+    page.reload()                                        # no Refresh click: the page load reads the workspace
+    page.get_by_role("tab", name="Benchmark").click()
+    wait_for_table_text(page, "cli-eval")
+    wait_for_table_text(page, "demo-llava + demo-adapter")   # short model names in the leaderboard
+    page.get_by_text("McNemar").wait_for()               # the newest eval is opened, its per-sample diff shown

@@ -27,3 +27,14 @@ def test_generate_browse_validate_and_export(studio_page):
 
     page.get_by_role("button", name="Export selected dataset").click()
     page.get_by_text(".zip", exact=False).first.wait_for()
+
+
+def test_a_dataset_generated_from_the_command_line_appears_on_reload(studio_page):
+    import charts
+
+    page, workspace = studio_page
+    charts.generate(2, seed=1, out_dir=workspace / "datasets" / "cli-charts", workers=1)
+    page.reload()
+    page.get_by_role("tab", name="Charts").click()
+    page.get_by_label("Dataset", exact=True).click()
+    page.get_by_role("option", name="cli-charts").wait_for()

@@ -41,3 +41,31 @@ def test_an_example_chart_fills_image_question_and_gold_and_gets_verdicts(studio
     page.get_by_role("button", name="Compare", exact=True).click()
     page.get_by_text("(relaxed accuracy)").first.wait_for(timeout=60_000)   # a verdict on each side
     assert page.get_by_text("(relaxed accuracy)").count() == 2
+
+
+def test_votes_cast_elsewhere_appear_on_reload_in_the_votes_leaderboard(studio_page):
+    import json
+
+    page, workspace = studio_page
+    base = workspace / "models" / "demo-llava"
+    row = {"vote": "B better", "models": [f"local:{base}", f"local:{base}+/runs/reload-run/adapter"], "sides": []}
+    with open(workspace / "votes.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    page.reload()
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_text("Votes leaderboard").click()
+    page.wait_for_function("t => [...document.querySelectorAll('table')].some(x => x.textContent.includes(t))",
+                           arg="demo-llava + reload-run", timeout=60_000)
+
+
+def test_blind_mode_hides_the_model_pickers_and_reveals_the_sides_at_the_vote(studio_page):
+    page, _ = studio_page
+    page.get_by_role("tab", name="Compare").click()
+    page.get_by_label("Blind: hide the models and shuffle the sides until the vote").check()
+    page.get_by_label("Side B model").wait_for(state="hidden")
+    page.get_by_label("Question").fill("What is the highest value?")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.wait_for_function("""() => [...document.querySelectorAll('textarea')]
+        .filter(t => t.closest('.answer')).every(t => t.value.trim().length > 0)""", timeout=60_000)
+    page.get_by_role("button", name="A better").click()
+    page.get_by_text("revealed: A was").wait_for()

@@ -50,3 +50,17 @@ def test_compare_this_checkpoint_opens_compare_on_the_jobs_base_and_adapter(stud
     # the dropdown shows the short name of base + this run's adapter (its value is the full ref)
     page.wait_for_function("v => [...document.querySelectorAll('input')].some(i => i.value === v)",
                            arg="demo-llava + finished-run")
+
+
+def test_a_job_recorded_elsewhere_appears_on_reload_in_the_table_and_the_picker(studio_page):
+    from training.launchers import record
+
+    page, workspace = studio_page
+    record(workspace, {"id": "cli-job", "kind": "local", "name": "cli-job", "status": "completed", "pid": 0,
+                       "config": "", "output_dir": str(workspace / "runs" / "cli-job"), "log": "", "created": 0,
+                       "model": "m", "data": "", "mode": "lora"})
+    page.reload()
+    page.get_by_role("tab", name="Fine-tune").click()
+    wait_for_table_text(page, "cli-job")
+    page.get_by_label("Job", exact=True).click()
+    page.get_by_role("option", name="cli-job").wait_for()
