@@ -99,6 +99,13 @@ def studio_page(studio_server, browser):
     context.close()
 
 
+def wait_for_cell_text(page, text: str, timeout: int = 60_000) -> None:
+    """A Dataframe cell holding `text`, in any row: its hidden <table> keeps the first rows of the value the
+    page was built with, while the cells on screen are divs updated by events (page load included)."""
+    page.wait_for_function("t => [...document.querySelectorAll('.cell-wrap')].some(x => x.textContent.includes(t))",
+                           arg=text, timeout=timeout)
+
+
 def wait_for_table_text(page, text: str, timeout: int = 60_000) -> None:
     """Gradio's Dataframe keeps cells in hidden wrappers: look at the tables' text, not visibility."""
     page.wait_for_function("t => [...document.querySelectorAll('table')].some(x => x.textContent.includes(t))",

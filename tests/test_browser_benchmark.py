@@ -2,7 +2,7 @@
 browse the per-sample diff and build the reports."""
 import pytest
 
-from conftest import wait_for_table_text
+from conftest import wait_for_cell_text, wait_for_table_text
 
 pytestmark = pytest.mark.browser
 
@@ -36,6 +36,6 @@ def test_an_eval_run_from_the_command_line_appears_on_reload_with_its_samples(st
              workspace / "evals" / "cli-eval", split="test", limit=4)
     page.reload()                                        # no Refresh click: the page load reads the workspace
     page.get_by_role("tab", name="Benchmark").click()
-    wait_for_table_text(page, "cli-eval")
-    wait_for_table_text(page, "demo-llava + demo-adapter")   # short model names in the leaderboard
+    wait_for_cell_text(page, "cli-eval")
+    wait_for_cell_text(page, "demo-llava + demo-adapter")   # short model names in the leaderboard
     page.get_by_text("McNemar").wait_for()               # the newest eval is opened, its per-sample diff shown

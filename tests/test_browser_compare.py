@@ -2,6 +2,8 @@
 import pytest
 from PIL import Image
 
+from conftest import wait_for_cell_text
+
 pytestmark = pytest.mark.browser
 
 
@@ -54,8 +56,7 @@ def test_votes_cast_elsewhere_appear_on_reload_in_the_votes_leaderboard(studio_p
     page.reload()
     page.get_by_role("tab", name="Compare").click()
     page.get_by_text("Votes leaderboard").click()
-    page.wait_for_function("t => [...document.querySelectorAll('table')].some(x => x.textContent.includes(t))",
-                           arg="demo-llava + reload-run", timeout=60_000)
+    wait_for_cell_text(page, "demo-llava + reload-run")
 
 
 def test_blind_mode_hides_the_model_pickers_and_reveals_the_sides_at_the_vote(studio_page):

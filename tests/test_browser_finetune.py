@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import wait_for_table_text
+from conftest import wait_for_cell_text, wait_for_table_text
 
 pytestmark = pytest.mark.browser
 
@@ -61,6 +61,6 @@ def test_a_job_recorded_elsewhere_appears_on_reload_in_the_table_and_the_picker(
                        "model": "m", "data": "", "mode": "lora"})
     page.reload()
     page.get_by_role("tab", name="Fine-tune").click()
-    wait_for_table_text(page, "cli-job")
+    wait_for_cell_text(page, "cli-job")
     page.get_by_label("Job", exact=True).click()
     page.get_by_role("option", name="cli-job").wait_for()
