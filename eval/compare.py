@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from charts.io import append_jsonl
-from eval.protocol import ModelRef, Request
+from eval.protocol import Request
 
 MAX_QUESTION_CHARS = 4000
 VOTES = ("A better", "B better", "tie", "both bad")
