@@ -107,3 +107,18 @@ def test_demo_looks_draw_square_charts_whose_text_fits(look):
         assert len(spec.categories) <= max(LOOKS[look]["max_categories"] + 1, 5)   # time axes +1, scatter 5
         for text, (left, top, right, bottom), _ in text_boxes(spec):
             assert left >= -0.5 and top >= -0.5 and right <= size + 0.5 and bottom <= size + 0.5, (kind, text)
+
+
+def test_chart_workers_stop_once_the_trainer_is_gone():
+    """Forkserver workers are not the trainer's children: without this check they outlived a killed
+    trainer, drawing charts and holding its output pipe open (a GPU run's `| tee` never ended)."""
+    import subprocess
+    import sys
+
+    from training.pretrain_data import ChartStream, StreamConfig
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cfg = StreamConfig(seed=0, stages=(Stage(0, "demo"),), held_out="hbar", image_size=32, image_tokens=4,
+                       max_length=200, qa_per_chart=2, table_share=1.0, instruct_share=0.0,
+                       tokenizer_json=train_tokenizer(["a b c"], 300).to_str(), parent_pid=gone.pid)
+    assert list(ChartStream(cfg, 0)) == []

@@ -269,9 +269,11 @@ class Replay:
         return out + [rng.randrange(self.filled) for _ in range(k - len(out))]
 
 
-def _feed(loader, q: queue.Queue, stop: threading.Event) -> None:
-    """Move worker batches into `q` until `stop` (a thread: the trainer never waits on a worker)."""
+def _feed(loader, q: queue.Queue, stop: threading.Event, pin: bool) -> None:
+    """Move worker batches into `q` as tensors until `stop` (a thread: the trainer never waits on a worker)."""
+    from training.pretrain_data import to_torch
     for batch in loader:
+        batch = to_torch(batch, pin)
         while not stop.is_set():
             try:
                 q.put(batch, timeout=0.5)
@@ -344,10 +346,12 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     forward = torch.compile(model.model, dynamic=True) if args.compile else model.model
     to_pixels = pixel_fn(processor, device)
     replay = Replay(p.buffer_charts, p.image_size, device)
-    loader = chart_loader(cfg, state["next_index"], args.workers, p.loader_batch, pin=cuda)
+    loader = chart_loader(cfg, state["next_index"], args.workers, p.loader_batch)
     q: queue.Queue = queue.Queue(maxsize=max(8, 2 * args.workers))
     stop = threading.Event()
-    threading.Thread(target=_feed, args=(loader, q, stop), daemon=True).start()
+    batches = iter(loader)
+    feeder = threading.Thread(target=_feed, args=(batches, q, stop, cuda), daemon=True)
+    feeder.start()
     rng = random.Random(f"{p.seed}:replay:{state['step']}")
     resumed_at = state["step"] if state["step"] else None
     total = state["total_steps"]
@@ -441,7 +445,10 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
                           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                           "charts_per_s": round((state["step"] - start_step) * p.batch_size / max(train_s, 1e-9), 1),
                           "charts_generated": replay.added})
-    del loader
+    feeder.join(timeout=15)
+    shutdown = getattr(batches, "_shutdown_workers", None)     # end the workers now, not at garbage collection
+    if shutdown:
+        shutdown()
     return state
 
 
@@ -485,6 +492,7 @@ def run(args) -> dict:
         p = PRESETS[args.preset or "demo"]
     if args.total_steps:
         p = p.replace(total_steps=args.total_steps)
+    p = p.replace(**parse_overrides(args.set or []))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -511,7 +519,7 @@ def run(args) -> dict:
     cfg = StreamConfig(seed=p.seed, stages=p.stages, held_out=p.held_out, image_size=p.image_size,
                        image_tokens=(p.image_size // p.patch_size) ** 2, max_length=p.max_length,
                        qa_per_chart=p.qa_per_chart, table_share=p.table_share, instruct_share=p.instruct_share,
-                       tokenizer_json=state["tokenizer"])
+                       tokenizer_json=state["tokenizer"], parent_pid=os.getpid())
     if not args.eval_only and args.steps > 0:
         state = train(model, processor, p, state, cfg, out, args, t0, device)
     if state["runs"]:
@@ -554,6 +562,19 @@ def run(args) -> dict:
     return {"state": state, "eval": result}
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """["batch_size=128", "lr=2e-3"] -> typed preset fields (the type of each field's default)."""
+    fields = {f.name: f for f in dataclasses.fields(PretrainPreset)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields or key in ("name", "stages"):
+            raise SystemExit(f"--set {pair}: not a preset field; choose from "
+                             + ", ".join(k for k in fields if k not in ("name", "stages")))
+        out[key] = type(getattr(PRESETS["demo"], key))(value)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a PRESETS key (default: the checkpoint's, else demo)")
@@ -568,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-only", action="store_true", help="no training: score --resume's checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     ap.add_argument("--hf-dir", help="also write the model + processor here in the Hugging Face layout")
+    ap.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override preset fields, e.g. batch_size=128")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     return ap
