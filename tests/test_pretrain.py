@@ -122,3 +122,23 @@ def test_chart_workers_stop_once_the_trainer_is_gone():
                        max_length=200, qa_per_chart=2, table_share=1.0, instruct_share=0.0,
                        tokenizer_json=train_tokenizer(["a b c"], 300).to_str(), parent_pid=gone.pid)
     assert list(ChartStream(cfg, 0)) == []
+
+
+def test_shipped_demo_model_is_the_exported_folder_only_when_complete(runs, tmp_path):
+    from eval.demo import shipped_demo_model
+    root = runs[0]
+    assert shipped_demo_model(root / "hf") == root / "hf"
+    assert shipped_demo_model(tmp_path / "missing") is None
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    assert shipped_demo_model(tmp_path / "half") is None
+
+
+def test_export_writes_a_model_card_from_the_eval_numbers(runs):
+    root = runs[0]
+    text = (root / "hf" / "README.md").read_text()
+    result = json.loads((root / "b" / "eval.json").read_text())
+    assert "| family | seen kinds |" in text and "hbar" in text
+    for fam in FAMILIES:
+        assert f"| {fam} |" in text
+    assert f"**{result['seen']['relaxed']:.1f}**" in text and "Device time" in text

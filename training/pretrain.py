@@ -526,9 +526,6 @@ def run(args) -> dict:
         state["runs"][-1]["wall_s"] = round(time.time() - t0, 1)
     save_checkpoint(model, state, out / "ckpt")
     log(f"checkpoint at step {state['step']} -> {out / 'ckpt'}", t0)
-    if args.hf_dir:
-        export_hf(model, processor, Path(args.hf_dir))
-        log(f"exported the model and processor to {args.hf_dir}", t0)
     result = {}
     if not args.no_eval:
         final = p.stages[-1]
@@ -558,6 +555,12 @@ def run(args) -> dict:
         log(f"eval: seen {result['seen']['relaxed']} (swapped {result['seen_swapped']['relaxed']}, "
             f"prior {result['seen_prior']['relaxed']}), held-out {result['held_out']['relaxed']} "
             f"in {result['eval_seconds']}s -> {out / 'eval.json'}", t0)
+    if args.hf_dir:
+        from training.pretrain_card import write_card
+        export_hf(model, processor, Path(args.hf_dir))
+        if result:
+            write_card(result, state, Path(args.hf_dir))
+        log(f"exported the model and processor{' and its card' if result else ''} to {args.hf_dir}", t0)
     log(f"done in {time.time() - t0:.1f}s", t0)
     return {"state": state, "eval": result}
 
