@@ -269,19 +269,23 @@ class Replay:
         return out + [rng.randrange(self.filled) for _ in range(k - len(out))]
 
 
-def _feed(loader, q: queue.Queue, stop: threading.Event, pin: bool) -> None:
-    """Move worker batches into `q` as tensors until `stop` (a thread: the trainer never waits on a worker)."""
+def _feed(loader, q: queue.Queue, stop: threading.Event, pin: bool, errors: list) -> None:
+    """Move worker batches into `q` as tensors until `stop` (a thread: the trainer never waits on a
+    worker). A worker's exception is kept in `errors` for the trainer to raise."""
     from training.pretrain_data import to_torch
-    for batch in loader:
-        batch = to_torch(batch, pin)
-        while not stop.is_set():
-            try:
-                q.put(batch, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        if stop.is_set():
-            return
+    try:
+        for batch in loader:
+            batch = to_torch(batch, pin)
+            while not stop.is_set():
+                try:
+                    q.put(batch, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except Exception as e:  # noqa: BLE001 - handed to the training thread, which raises it
+        errors.append(e)
 
 
 def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
@@ -350,7 +354,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     q: queue.Queue = queue.Queue(maxsize=max(8, 2 * args.workers))
     stop = threading.Event()
     batches = iter(loader)
-    feeder = threading.Thread(target=_feed, args=(batches, q, stop, cuda), daemon=True)
+    errors: list = []
+    feeder = threading.Thread(target=_feed, args=(batches, q, stop, cuda, errors), daemon=True)
     feeder.start()
     rng = random.Random(f"{p.seed}:replay:{state['step']}")
     resumed_at = state["step"] if state["step"] else None
@@ -361,6 +366,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     trained0, generated0 = state["charts_trained"], state["charts_generated"]
 
     def pull(block: bool) -> None:
+        if errors:
+            raise RuntimeError("a chart worker failed") from errors[0]
         while len(replay.fresh) < p.batch_size:
             try:
                 batch = q.get(timeout=5) if block else q.get_nowait()
@@ -376,6 +383,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     while replay.filled < need and time.time() - t_wait < 300:
         replay.fresh.clear()                # pull() stops at a batch's worth of fresh charts: keep filling
         pull(block=True)
+    if not replay.filled:
+        raise RuntimeError("no chart arrived from the workers in 300 s")
     replay.fresh = deque(range(replay.filled))
     t_start = time.time()
     log(f"buffer ready: {replay.filled} charts in {t_start - t_wait:.1f}s; training from step {state['step']}", t0)
