@@ -55,7 +55,7 @@ SHARD_BYTES = 15_000_000        # under the 16 MiB a file may be to come back fr
 class PretrainPreset:
     name: str
     seed: int = 0
-    # --- model. 384 px in 16 px patches = 576 image tokens: the demo look's 12-15 pt type (17-21 px)
+    # --- model. 384 px in 16 px patches = 576 image tokens: the demo look's 12-14 pt type (17-19 px)
     # puts a letter's height in about one patch, the scale at which Pix2Struct-style models read text;
     # 14 px patches would cost 1.4x the tokens, 32 px ones would put whole words in one patch.
     image_size: int = 384

@@ -59,7 +59,7 @@ def card(result: dict, state: dict) -> str:
         f"{text.get('hidden_size', '?')}, vocabulary {text.get('vocab_size', '?')} (byte-level BPE, digits one "
         "token each), prompt `USER: <image>\\n{question} ASSISTANT:`.",
         f"- Charts it was made for: the `demo` look (`charts.spec.LOOKS`): square {vision.get('image_size', '?')} px "
-        "charts with 12-15 pt type and at most 6 categories. Charts in other styles, especially large ones with "
+        "charts with 12-14 pt type and at most 6 categories. Charts in other styles, especially large ones with "
         "small type, are read far worse.",
         "",
         "## What it reads",
