@@ -68,7 +68,7 @@ def test_eval_json_scores_every_family_seen_swapped_and_prior(runs):
     root = runs[0]
     result = json.loads((root / "b" / "eval.json").read_text())
     assert set(result["seen"]["by_family"]) == set(FAMILIES)
-    for key in ("seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior"):
+    for key in ("seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior", "seen_default"):
         assert result[key]["n"] > 0 and result[key]["by_family"]
     assert result["held_out_kind"] == "hbar" and set(result["held_out"]["by_kind"]) == {"hbar"}
     assert "hbar" not in result["seen"]["by_kind"]
@@ -142,3 +142,14 @@ def test_export_writes_a_model_card_from_the_eval_numbers(runs):
     for fam in FAMILIES:
         assert f"| {fam} |" in text
     assert f"**{result['seen']['relaxed']:.1f}**" in text and "Device time" in text
+
+
+def test_learning_rate_warms_up_holds_then_decays_over_the_planned_minutes():
+    from training.pretrain import lr_at
+    p = PRESETS["demo"]
+    plan = p.plan_minutes * 60
+    assert lr_at(0, 0.0, p, plan, None) < p.lr / 100
+    assert lr_at(5000, plan * 0.5, p, plan, None) == p.lr
+    assert lr_at(5000, plan * 0.9, p, plan, None) == pytest.approx(p.lr * (1 - 0.9 * 0.5))
+    assert lr_at(9000, plan, p, plan, None) == pytest.approx(p.lr * p.min_lr_ratio)
+    assert lr_at(5001, plan * 0.5, p, plan, resumed_at=5000) < p.lr / 10      # a fresh AdamW warms up again

@@ -82,14 +82,17 @@ class PretrainPreset:
     stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
                      Stage(400_000, "demo", default_share=0.2))
     tokenizer_charts: int = 3000
-    # --- schedule: warmup, constant, linear decay over the last decay_share of total_steps (WSD: the
-    # run count is unknown in advance, and a constant rate suits a fresh AdamW after each resume)
+    # --- schedule: warmup, constant, then a linear decay over the last decay_share of the planned
+    # training time (warmup-stable-decay). The plan is in minutes of training, summed over runs, because
+    # device time comes in runs of ~8 minutes whose speed is unknown in advance: two runs of the GPU
+    # script fill 14 minutes, and the second one decays without anyone changing a setting. Stable is
+    # also what a fresh AdamW after each resume wants.
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 300
     resume_warmup_steps: int = 100
-    total_steps: int = 10_000
+    plan_minutes: float = 14.0
     decay_share: float = 0.2
     weight_decay: float = 0.05
     # --- replay buffer on the GPU (uint8 images: 20k x 442 KB = 8.8 GB)
@@ -101,6 +104,7 @@ class PretrainPreset:
     log_seconds: float = 30.0
     eval_seen_charts: int = 240
     eval_held_out_charts: int = 80
+    eval_default_charts: int = 80    # seen kinds in the full default style range: how far the reading carries
     eval_batch: int = 256
     eval_reserve_s: float = 75.0  # kept free at the end of --deadline-s for the eval and the save
     prior_charts: int = 3000
@@ -119,8 +123,8 @@ PRESETS = {
                            stages=(Stage(0, "demo-easy", EASY_KINDS), Stage(12, "demo"),
                                    Stage(24, "demo", default_share=0.3)),
                            tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
-                           total_steps=40, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
-                           eval_seen_charts=8, eval_held_out_charts=4, eval_batch=32, eval_reserve_s=25.0,
+                           plan_minutes=60.0, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
+                           eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_batch=32, eval_reserve_s=25.0,
                            prior_charts=150),
 }
 
@@ -313,12 +317,13 @@ def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
     return ids, pos, tgt[pos], weight, kind, int((ids != pad_id).sum())
 
 
-def lr_at(step: int, p: PretrainPreset, total: int, resumed_at: int | None) -> float:
+def lr_at(step: int, trained_s: float, p: PretrainPreset, plan_s: float, resumed_at: int | None) -> float:
+    """Warmup over steps, then constant, then linear decay to min_lr_ratio over the plan's last seconds."""
     warm = min(1.0, (step + 1) / max(1, p.warmup_steps))
     if resumed_at is not None:      # the fresh AdamW of a resumed run re-learns its moments first
         warm = min(warm, (step - resumed_at + 1) / max(1, p.resume_warmup_steps))
-    decay_from = total * (1 - p.decay_share)
-    f = 1.0 if step < decay_from else 1 - (1 - p.min_lr_ratio) * (step - decay_from) / max(1, total - decay_from)
+    decay_from = plan_s * (1 - p.decay_share)
+    f = 1.0 if trained_s < decay_from else 1 - (1 - p.min_lr_ratio) * (trained_s - decay_from) / max(1e-9, plan_s - decay_from)
     return p.lr * warm * max(p.min_lr_ratio, f)
 
 
@@ -359,7 +364,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     feeder.start()
     rng = random.Random(f"{p.seed}:replay:{state['step']}")
     resumed_at = state["step"] if state["step"] else None
-    total = state["total_steps"]
+    plan_s = state["plan_minutes"] * 60
+    trained_s0 = state.get("train_seconds", 0.0)
     kinds, looks = Counter(state["kinds_trained"]), Counter(state["looks_trained"])
     pad_id = processor.tokenizer.pad_token_id
     start_step, t_wait = state["step"], time.time()
@@ -394,11 +400,12 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
            "n_qa": 0, "n_table": 0, "steps": 0}
     trained = 0
     model.train()
-    while state["step"] < total and state["step"] - start_step < args.steps and time.time() < budget_end:
+    while (trained_s0 + time.time() - t_start < plan_s and state["step"] - start_step < args.steps
+           and time.time() < budget_end):
         pull(block=replay.filled == 0)
         slots = replay.take(p.batch_size, rng)
         ids, pos, tgt, weight, kind, n_tok = _batch(replay, slots, pad_id, p)
-        lr = lr_at(state["step"], p, total, resumed_at)
+        lr = lr_at(state["step"], trained_s0 + time.time() - t_start, p, plan_s, resumed_at)
         for g in opt.param_groups:
             g["lr"] = lr
         ids, pos, tgt, weight, kind_d = (x.pin_memory().to(device, non_blocking=True) if cuda else x
@@ -425,7 +432,7 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
         win["n_qa"] += int((kind == TASK_QA).sum())
         win["n_table"] += int((kind == TASK_TABLE).sum())
         now = time.time()
-        if now - win["t"] >= p.log_seconds or state["step"] >= total:
+        if now - win["t"] >= p.log_seconds:
             dt = now - win["t"]
             rec = {"step": state["step"], "loss": round(float(win["loss"]) / win["steps"], 4),
                    "qa_loss": round(float(win["qa"]) / max(1, win["n_qa"]), 4),
@@ -479,7 +486,7 @@ def check_encoding(processor, tok, p: PretrainPreset) -> None:
 
 
 def fresh_state(p: PretrainPreset, tok_json: str, config: dict) -> dict:
-    return {"format": 1, "preset": p.name, "seed": p.seed, "step": 0, "next_index": 0, "total_steps": p.total_steps,
+    return {"format": 1, "preset": p.name, "seed": p.seed, "step": 0, "next_index": 0, "plan_minutes": p.plan_minutes,
             "charts_trained": 0, "charts_generated": 0, "train_seconds": 0.0, "kinds_trained": {}, "looks_trained": {},
             "held_out": p.held_out, "runs": [], "model_config": config, "tokenizer": tok_json}
 
@@ -499,8 +506,6 @@ def run(args) -> dict:
         p = PRESETS[args.preset or state["preset"]]
     else:
         p = PRESETS[args.preset or "demo"]
-    if args.total_steps:
-        p = p.replace(total_steps=args.total_steps)
     p = p.replace(**parse_overrides(args.set or []))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -515,8 +520,9 @@ def run(args) -> dict:
         state = fresh_state(p, tok_json, model_config(p, hf_tok))
     else:
         hf_tok = hf_tokenizer(state["tokenizer"], p.max_length)
-    if args.total_steps:
-        state["total_steps"] = args.total_steps
+    if args.plan_minutes:
+        state["plan_minutes"] = args.plan_minutes
+    state.setdefault("plan_minutes", p.plan_minutes)      # checkpoints of the step-planned first version
     tok = Tokenizer.from_str(state["tokenizer"])
     processor = build_processor(p, hf_tok)
     check_encoding(processor, tok, p)
@@ -542,7 +548,9 @@ def run(args) -> dict:
         jobs = {"seen": [(i, p.test_seed, seen[i % len(seen)], final.look, p.image_size)
                          for i in range(p.eval_seen_charts)],
                 "held_out": [(i, p.test_seed, p.held_out, final.look, p.image_size)
-                             for i in range(p.eval_held_out_charts)]}
+                             for i in range(p.eval_held_out_charts)],
+                "seen_default": [(i, p.test_seed, seen[i % len(seen)], "default", p.image_size)
+                                 for i in range(p.eval_default_charts)]}
         # a pool only pays for its start-up on a real test set
         charts = {k: data.test_charts(v, args.workers if len(v) >= 64 else 1) for k, v in jobs.items()}
         prior = data.answer_prior(p.seed, final, p.held_out, p.prior_charts)
@@ -597,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall-clock budget of the whole run from start, the eval and the save included")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="chart-drawing processes")
     ap.add_argument("--steps", type=int, default=10**9, help="at most this many steps in this run")
-    ap.add_argument("--total-steps", type=int, default=0, help="change the schedule's length (default: preset's)")
+    ap.add_argument("--plan-minutes", type=float, default=0.0,
+                    help="training minutes summed over all runs, the end of the decay (default: the checkpoint's, "
+                         "else the preset's); raise it to train on after the plan was reached")
     ap.add_argument("--eval-only", action="store_true", help="no training: score --resume's checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     ap.add_argument("--hf-dir", help="also write the model + processor here in the Hugging Face layout")

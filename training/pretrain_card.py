@@ -60,7 +60,9 @@ def card(result: dict, state: dict) -> str:
         "token each), prompt `USER: <image>\\n{question} ASSISTANT:`.",
         f"- Charts it was made for: the `demo` look (`charts.spec.LOOKS`): square {vision.get('image_size', '?')} px "
         "charts with 12-14 pt type and at most 6 categories. Charts in other styles, especially large ones with "
-        "small type, are read far worse.",
+        "small type, are read worse"
+        + (f" (the same kinds in the default style range: {_cell(result, 'seen_default')}%)."
+           if result.get("seen_default") else "."),
         "",
         "## What it reads",
         "",

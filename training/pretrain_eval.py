@@ -6,7 +6,9 @@ Four numbers per family, on fresh test charts (another seed than training, the d
 - *_swapped: the same questions with each image replaced by the next test chart's. A model that reads
   the chart loses accuracy here; one that learned answer priors does not (the issue's target: >= 30
   points lower than seen);
-- prior: the most common training answer of each family, answered without looking.
+- prior: the most common training answer of each family, answered without looking;
+- seen_default: the pretraining kinds drawn in the full default style range (smaller type, other sizes),
+  padded and shrunk to the model's input as the studio does: how far the reading carries.
 Scores are eval.metrics' relaxed accuracy (ChartQA's reference rule, and the normalized one), with
 questions ending in the benchmark's short-answer instruction, as `python -m eval run` asks them.
 """
@@ -100,8 +102,8 @@ def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pix
 
 def table(result: dict) -> str:
     """Relaxed accuracy per family: seen / swapped / prior / held-out / held-out swapped, as text."""
-    cols = [c for c in ("seen", "seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior")
-            if c in result]
+    cols = [c for c in ("seen", "seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior",
+                        "seen_default") if c in result]
     families = sorted({f for c in cols for f in result[c]["by_family"]})
     lines = ["family".ljust(12) + "".join(c.rjust(18) for c in cols)]
     for f in families:
