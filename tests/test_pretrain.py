@@ -153,3 +153,27 @@ def test_learning_rate_warms_up_holds_then_decays_over_the_planned_minutes():
     assert lr_at(5000, plan * 0.9, p, plan, None) == pytest.approx(p.lr * (1 - 0.9 * 0.5))
     assert lr_at(9000, plan, p, plan, None) == pytest.approx(p.lr * p.min_lr_ratio)
     assert lr_at(5001, plan * 0.5, p, plan, resumed_at=5000) < p.lr / 10      # a fresh AdamW warms up again
+
+
+def test_fast_forward_gives_the_llava_models_own_hidden_states(runs):
+    """Training concatenates image features at their fixed place instead of LlavaModel's masked_scatter."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from training.pretrain import check_fast_forward, pixel_fn
+    from training.pretrain_data import prompt_text, test_chart
+    root = runs[0]
+    model = AutoModelForImageTextToText.from_pretrained(root / "hf", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(root / "hf")
+    tok = processor.tokenizer
+    rows = [test_chart(i, 5, "bar", "demo", 64) for i in range(2)]
+    prompts = [prompt_text(r["qas"][0]["question"]) for r in rows]
+    n_image = model.config.image_seq_length
+    enc = [tok(p.replace("<image>", "<image>" * n_image), add_special_tokens=False)["input_ids"] for p in prompts]
+    width = min(map(len, enc))
+    ids = torch.tensor([e[:width] for e in enc])
+    pixels = pixel_fn(processor, torch.device("cpu"))(torch.from_numpy(np.stack([r["pixels"] for r in rows])))
+    image_at = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    assert check_fast_forward(model, ids, pixels, image_at, n_image)
+    assert not check_fast_forward(model, ids, pixels, image_at + 1, n_image)      # the check can fail

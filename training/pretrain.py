@@ -317,6 +317,34 @@ def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
     return ids, pos, tgt[pos], weight, kind, int((ids != pad_id).sum())
 
 
+def llava_hidden(model, ids, pixel_values, image_at: int, n_image: int):
+    """LlavaModel's forward for sequences whose image tokens all sit at [image_at, image_at + n_image)
+    (every training row starts "USER: <image>"): the projected image features are concatenated in place
+    instead of masked_scatter, skipping its per-step host sync. `check_fast_forward` compares the two."""
+    import torch
+    lm = model.model
+    vision = lm.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    feats = vision.hidden_states[model.config.vision_feature_layer]
+    if model.config.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    embeds = lm.get_input_embeddings()(ids)
+    feats = lm.multi_modal_projector(feats).to(embeds.dtype)
+    embeds = torch.cat([embeds[:, :image_at], feats, embeds[:, image_at + n_image:]], dim=1)
+    return lm.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+
+
+def check_fast_forward(model, ids, pixel_values, image_at: int, n_image: int) -> bool:
+    """Whether llava_hidden gives LlavaModel's own hidden states on two rows (in fp32)."""
+    import torch
+    with torch.no_grad():
+        ref = model.model(input_ids=ids[:2], pixel_values=pixel_values[:2], use_cache=False).last_hidden_state
+        try:        # another transformers version may lay LlavaModel out otherwise: then use its forward
+            ours = llava_hidden(model, ids[:2], pixel_values[:2], image_at, n_image)
+        except (AttributeError, TypeError, IndexError, RuntimeError):
+            return False
+    return ref.shape == ours.shape and torch.allclose(ref, ours, atol=1e-4, rtol=1e-4)
+
+
 def lr_at(step: int, trained_s: float, p: PretrainPreset, plan_s: float, resumed_at: int | None) -> float:
     """Warmup over steps, then constant, then linear decay to min_lr_ratio over the plan's last seconds."""
     warm = min(1.0, (step + 1) / max(1, p.warmup_steps))
@@ -368,6 +396,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     trained_s0 = state.get("train_seconds", 0.0)
     kinds, looks = Counter(state["kinds_trained"]), Counter(state["looks_trained"])
     pad_id = processor.tokenizer.pad_token_id
+    image_id, n_image = model.config.image_token_id, (p.image_size // p.patch_size) ** 2
+    fast, image_at = None, None     # decided on the first batch
     start_step, t_wait = state["step"], time.time()
     trained0, generated0 = state["charts_trained"], state["charts_generated"]
 
@@ -405,14 +435,24 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
         pull(block=replay.filled == 0)
         slots = replay.take(p.batch_size, rng)
         ids, pos, tgt, weight, kind, n_tok = _batch(replay, slots, pad_id, p)
+        ids_cpu = ids
         lr = lr_at(state["step"], trained_s0 + time.time() - t_start, p, plan_s, resumed_at)
         for g in opt.param_groups:
             g["lr"] = lr
         ids, pos, tgt, weight, kind_d = (x.pin_memory().to(device, non_blocking=True) if cuda else x
                                          for x in (ids, pos, tgt, weight, kind))
         pv = to_pixels(replay.pixels[torch.tensor(slots, device=device)])
+        if fast is None:
+            image_at = int((ids_cpu[0] == image_id).nonzero()[0])
+            fast = check_fast_forward(model, ids, pv, image_at, n_image) and not args.compile
+            log(f"forward: {'image features concatenated at ' + str(image_at) if fast else 'LlavaModel'}", t0)
+        if fast and not bool((ids_cpu[:, image_at] == image_id).all()):
+            raise RuntimeError("a training row does not start with its image tokens")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            h = forward(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
+            if fast:
+                h = llava_hidden(model, ids, pv, image_at, n_image)
+            else:
+                h = forward(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
             logits = model.lm_head(h[:, :-1].reshape(-1, h.shape[-1])[pos])
         per_tok = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
         loss = (per_tok * weight).sum()
