@@ -161,7 +161,7 @@ def test_fast_forward_gives_the_llava_models_own_hidden_states(runs):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from training.pretrain import check_fast_forward, pixel_fn
+    from training.pretrain_model import check_fast_forward, pixel_fn
     from training.pretrain_data import prompt_text, test_chart
     root = runs[0]
     model = AutoModelForImageTextToText.from_pretrained(root / "hf", dtype=torch.float32)
