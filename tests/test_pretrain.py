@@ -73,6 +73,7 @@ def test_eval_json_scores_every_family_seen_swapped_and_prior(runs):
     assert result["held_out_kind"] == "hbar" and set(result["held_out"]["by_kind"]) == {"hbar"}
     assert "hbar" not in result["seen"]["by_kind"]
     assert result["step"] == 7 and result["device_seconds"] > 0
+    assert set(result["seen"]["table"]) >= {"title", "labels", "values"}
 
 
 def test_labels_cover_each_answer_with_its_leading_space_and_eos():
@@ -177,3 +178,11 @@ def test_fast_forward_gives_the_llava_models_own_hidden_states(runs):
     image_at = int((ids[0] == model.config.image_token_id).nonzero()[0])
     assert check_fast_forward(model, ids, pixels, image_at, n_image)
     assert not check_fast_forward(model, ids, pixels, image_at + 1, n_image)      # the check can fail
+
+
+def test_table_scores_count_title_row_labels_and_exact_values():
+    from training.pretrain_eval import table_scores
+    gold = "TITLE | Sales\nRegion | 2023 | 2024\nNorth | 1 | 2\nSouth | 3 | 4"
+    assert table_scores([gold], [gold]) == {"n": 1, "title": 100.0, "labels": 100.0, "values": 100.0}
+    half = "TITLE | Sale\nRegion | 2023 | 2024\nNorth | 1 | 5"
+    assert table_scores([half], [gold]) == {"n": 1, "title": 0.0, "labels": 50.0, "values": 25.0}

@@ -83,6 +83,11 @@ def card(result: dict, state: dict) -> str:
                      f"{_cell(result, 'seen_prior', fam)} | {_cell(result, 'held_out', fam)} |")
     lines.append(f"| **all** | **{_cell(result, 'seen')}** | {_cell(result, 'seen_swapped')} | "
                  f"{_cell(result, 'seen_prior')} | {_cell(result, 'held_out')} |")
+    tab = result.get("seen", {}).get("table")
+    if tab:
+        lines += ["", f"Asked for a chart's data table (its pretraining target), it writes the title exactly on "
+                      f"{tab['title']:.0f}% of charts, finds {tab['labels']:.0f}% of the row labels and "
+                      f"{tab['values']:.0f}% of the values exactly ({tab['n']} test charts)."]
     if result.get("seen"):
         drop = result["seen"].get("looks_drop", 0.0)
         verdict = "It reads the image" if drop >= 30 else "It does not yet rely on the image"

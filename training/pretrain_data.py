@@ -273,11 +273,13 @@ def test_chart(index: int, seed: int, kind: str, look: str, size: int) -> dict:
     from charts.questions import make_questions
     from charts.render import render
     from charts.spec import sample_spec
+    from charts.tables import TABLE_PROMPTS, data_table
     rng = random.Random(f"{seed}:test:{kind}:{index}")
     spec = sample_spec(kind, rng, look)
     qas = [{"question": q.question + SHORT_ANSWER_INSTRUCTION, "answer": q.answer, "family": q.family,
             "answer_type": q.answer_type, "kind": kind} for q in make_questions(spec, rng)]
-    return {"pixels": chart_pixels(render(spec), size), "qas": qas, "kind": kind}
+    return {"pixels": chart_pixels(render(spec), size), "qas": qas, "kind": kind,
+            "table_prompt": TABLE_PROMPTS[0], "table": data_table(spec)}
 
 
 def _test_chart_job(args):
