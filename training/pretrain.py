@@ -105,6 +105,7 @@ class PretrainPreset:
     eval_held_out_charts: int = 80
     eval_default_charts: int = 80    # seen kinds in the full default style range: how far the reading carries
     eval_table_charts: int = 48      # charts per split also asked for their whole data table
+    eval_table_tokens: int = 320     # a 6 x 4 table of "$340.4k"s, digits one token each, fits
     eval_batch: int = 256
     eval_reserve_s: float = 75.0  # kept free at the end of --deadline-s for the eval and the save
     prior_charts: int = 3000
@@ -124,7 +125,7 @@ PRESETS = {
                                    Stage(24, "demo", default_share=0.3)),
                            tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
                            plan_minutes=60.0, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
-                           eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_batch=32, eval_reserve_s=25.0,
+                           eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_table_tokens=24, eval_batch=32, eval_reserve_s=25.0,
                            prior_charts=150),
 }
 
@@ -431,7 +432,7 @@ def run(args) -> dict:
         image_id, n_img = tok.token_to_id(IMAGE), (p.image_size // p.patch_size) ** 2
         encode_prompt = lambda q: data.encode(tok, data.prompt_text(q), [], image_id, n_img)[0]  # noqa: E731
         result = evaluate(model, hf_tok, charts, encode_prompt, pixel_fn(processor, device), prior, device,
-                          p.eval_batch, table_charts=p.eval_table_charts)
+                          p.eval_batch, table_charts=p.eval_table_charts, table_tokens=p.eval_table_tokens)
         result.update(step=state["step"], preset=p.name, held_out_kind=p.held_out, seen_kinds=list(seen),
                       look=final.look, test_seed=p.test_seed, params=n_params, train_seconds=state["train_seconds"],
                       device_seconds=round(sum(r.get("wall_s", 0) for r in state["runs"]), 1),

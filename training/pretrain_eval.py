@@ -95,7 +95,8 @@ def table_scores(preds: list[str], golds: list[str]) -> dict:
 
 
 def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pixel_fn, prior: dict[str, str],
-             device, batch_size: int = 128, examples: int = 12, table_charts: int = 48) -> dict:
+             device, batch_size: int = 128, examples: int = 12, table_charts: int = 48,
+             table_tokens: int = 320) -> dict:
     """charts: {"seen": [test_chart dicts], "held_out": [...]} -> the eval JSON (see the module docstring)."""
     import numpy as np
     import torch
@@ -123,7 +124,7 @@ def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pix
         result[f"{split}_prior"] = _score([prior.get(it["family"], "") for it in items], items)
         some = rows[:table_charts]       # chart -> table, the pretraining target, on the first few charts
         tables = greedy_answers(model, tokenizer, [encode_prompt(r["table_prompt"]) for r in some],
-                                pixels[:len(some)], pixel_fn, batch_size, max_new_tokens=320)
+                                pixels[:len(some)], pixel_fn, batch_size, max_new_tokens=table_tokens)
         result[split]["table"] = table_scores(tables, [r["table"] for r in some])
         result[split]["table"]["example"] = {"gold": some[0]["table"], "pred": tables[0]}
     for split in charts:
