@@ -337,15 +337,16 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
             log(json.dumps(rec), t0)
             win = {"t": now, "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
                    "n_qa": 0, "n_table": 0, "steps": 0}
-        if now >= next_ckpt:
-            state.update(kinds_trained=dict(kinds), looks_trained=dict(looks))
+        if now >= next_ckpt:       # a run killed after this point resumes from here, its plan time included
+            state.update(kinds_trained=dict(kinds), looks_trained=dict(looks),
+                         train_seconds=round(trained_s0 + now - t_start, 1))
             save_checkpoint(model, state, out / "ckpt")
             log(f"checkpoint at step {state['step']}", t0)
             next_ckpt = now + p.checkpoint_minutes * 60
     stop.set()
     state["charts_trained"], state["charts_generated"] = trained0 + trained, generated0 + replay.added
     train_s = time.time() - t_start
-    state["train_seconds"] = round(state.get("train_seconds", 0) + train_s, 1)
+    state["train_seconds"] = round(trained_s0 + train_s, 1)
     state.update(kinds_trained=dict(kinds), looks_trained=dict(looks))
     state["runs"].append({"steps": [start_step, state["step"]], "train_s": round(train_s, 1),
                           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
