@@ -131,6 +131,12 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------- replay buffer
+def to_device(x, device):
+    """A CPU tensor on `device` without waiting: `torch.tensor(..., device="cuda")` and plain `.to()`
+    synchronize the stream, which would stall the GPU once or twice per step."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
 class Replay:
     """The last `capacity` charts on the GPU (uint8 images) with their token rows on the CPU. Batches
     take every chart not yet trained on first, then fill up with random earlier ones."""
@@ -147,7 +153,7 @@ class Replay:
         import torch
         n = len(batch["ids"])
         slots = [(self.next + k) % self.capacity for k in range(n)]
-        self.pixels[torch.tensor(slots, device=self.device)] = batch["pixels"].to(self.device, non_blocking=True)
+        self.pixels[to_device(torch.tensor(slots), self.device)] = batch["pixels"].to(self.device, non_blocking=True)
         for s, ids, labels, task in zip(slots, batch["ids"], batch["labels"], batch["task"]):
             self.rows[s] = (ids, labels, task)
         self.fresh.extend(slots)
@@ -289,9 +295,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
         lr = lr_at(state["step"], trained_s0 + time.time() - t_start, p, plan_s, resumed_at)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, pos, tgt, weight, kind_d = (x.pin_memory().to(device, non_blocking=True) if cuda else x
-                                         for x in (ids, pos, tgt, weight, kind))
-        pv = to_pixels(replay.pixels[torch.tensor(slots, device=device)])
+        ids, pos, tgt, weight, kind_d = (to_device(x, device) for x in (ids, pos, tgt, weight, kind))
+        pv = to_pixels(replay.pixels[to_device(torch.tensor(slots), device)])
         if fast is None:
             image_at = int((ids_cpu[0] == image_id).nonzero()[0])
             fast = check_fast_forward(model, ids, pv, image_at, n_image) and not args.compile
