@@ -78,8 +78,9 @@ class PretrainPreset:
     qa_weight: float = 0.5       # loss = qa_weight * mean(QA tokens) + (1 - qa_weight) * mean(table tokens)
     # Curriculum by chart index (reproducible, whatever the speed): big type, few simple kinds first;
     # then every kind but the held-out one in the demo look; then a share of the full default style range.
+    # At ~450 charts/s drawn, a GPU run draws ~190k charts: the last stage starts early in the second run.
     stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
-                     Stage(400_000, "demo", default_share=0.2))
+                     Stage(250_000, "demo", default_share=0.15))
     tokenizer_charts: int = 3000
     # --- schedule: warmup, constant, then a linear decay over the last decay_share of the planned
     # training time (warmup-stable-decay). The plan is in minutes of training, summed over runs, because
@@ -254,7 +255,7 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     pad_id = processor.tokenizer.pad_token_id
     image_id, n_image = model.config.image_token_id, (p.image_size // p.patch_size) ** 2
     fast, image_at = None, None     # decided on the first batch
-    start_step, t_wait = state["step"], time.time()
+    start_step, start_index, t_wait = state["step"], state["next_index"], time.time()
     trained0, generated0 = state["charts_trained"], state["charts_generated"]
 
     def pull(block: bool) -> None:
@@ -356,7 +357,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     state["runs"].append({"steps": [start_step, state["step"]], "train_s": round(train_s, 1),
                           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                           "charts_per_s": round((state["step"] - start_step) * p.batch_size / max(train_s, 1e-9), 1),
-                          "charts_generated": replay.added})
+                          "charts_generated": replay.added, "charts": [start_index, state["next_index"]],
+                          "stages": [dataclasses.asdict(s) for s in p.stages]})
     feeder.join(timeout=15)
     shutdown = getattr(batches, "_shutdown_workers", None)     # end the workers now, not at garbage collection
     if shutdown:
