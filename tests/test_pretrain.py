@@ -186,3 +186,21 @@ def test_table_scores_count_title_row_labels_and_exact_values():
     assert table_scores([gold], [gold]) == {"n": 1, "title": 100.0, "labels": 100.0, "values": 100.0}
     half = "TITLE | Sale\nRegion | 2023 | 2024\nNorth | 1 | 5"
     assert table_scores([half], [gold]) == {"n": 1, "title": 0.0, "labels": 50.0, "values": 25.0}
+
+
+def test_demo_checkpoint_fits_what_a_gpu_run_can_send_back(tmp_path):
+    """At most 8 files of 16 MiB come back from a run: the demo model's checkpoint takes 5 (4 shards +
+    state.json), leaving metrics.jsonl, eval.json and log.txt; the fp16 weights stay under 50 MB."""
+    from training.pretrain_model import build_model, hf_tokenizer, load_checkpoint, model_config, save_checkpoint
+    p = PRESETS["demo"]
+    tok_json = train_tokenizer(tokenizer_corpus(0, 200, p.stages, p.held_out), p.vocab_size).to_str()
+    tok = hf_tokenizer(tok_json, p.max_length)
+    config = model_config(p, tok)
+    config["text_config"]["vocab_size"] = p.vocab_size          # the full vocab, as 3,000 charts give it
+    model = build_model(config, tok, 0)
+    save_checkpoint(model, {"step": 1, "model_config": config, "tokenizer": tok_json}, tmp_path / "ckpt")
+    files = list((tmp_path / "ckpt").iterdir())
+    assert len(files) <= 5 and all(f.stat().st_size < 16 * 2**20 for f in files)
+    assert sum(f.stat().st_size for f in files if f.suffix == ".safetensors") < 50e6
+    state, weights = load_checkpoint(tmp_path / "ckpt")
+    assert state["step"] == 1 and "lm_head.weight" not in weights        # tied: stored once
