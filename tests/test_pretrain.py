@@ -204,3 +204,16 @@ def test_demo_checkpoint_fits_what_a_gpu_run_can_send_back(tmp_path):
     assert sum(f.stat().st_size for f in files if f.suffix == ".safetensors") < 50e6
     state, weights = load_checkpoint(tmp_path / "ckpt")
     assert state["step"] == 1 and "lm_head.weight" not in weights        # tied: stored once
+
+
+def test_generate_draws_a_dataset_in_the_demo_look(tmp_path):
+    """What the demo fine-tune and benchmark need: the held-out kind as the demo model sees charts."""
+    from PIL import Image
+
+    from charts import generate, load_qa
+    manifest = generate(3, kinds=["hbar"], seed=1, out_dir=tmp_path / "d", look="demo", split=(1, 0, 0))
+    assert manifest["settings"]["look"] == "demo"
+    items = load_qa(tmp_path / "d")
+    assert items and all(Image.open(it["image"]).size == (384, 384) for it in items)
+    with pytest.raises(ValueError):
+        generate(1, out_dir=tmp_path / "e", look="nope")

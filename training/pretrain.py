@@ -2,11 +2,17 @@
 
     python -m training.pretrain --preset demo --out OUT [--resume CKPT] --minutes 8 --workers 15
     python -m training.pretrain --preset tiny --out /tmp/tiny                     # the whole path on CPU, ~1 min
-    python -m training.pretrain --resume OUT/ckpt --out OUT2 --eval-only          # score a checkpoint
+    python -m training.pretrain --resume OUT/ckpt --out OUT2 --eval-only          # score a checkpoint (GPU)
     python -m training.pretrain --resume OUT/ckpt --out /tmp/x --steps 0 --no-eval --hf-dir assets/demo-llava
     python -m training.pretrain_card --eval OUT/eval.json --ckpt OUT/ckpt --out assets/demo-llava  # its card
 
-On the GPU machine: `bash training/pretrain_gpu.sh` (reads .gpu/demo-ckpt/ if present, writes $OUT).
+On the GPU machine (one H200, 16 cores), from the repo root, one run of ~9 minutes:
+
+    export PYTHONPATH=$PWD; bash training/pretrain_gpu.sh
+
+It resumes from .gpu/demo-ckpt/ when that carried folder holds a checkpoint, and writes $OUT/ckpt/,
+metrics.jsonl, eval.json and log.txt (8 files at most); copy $OUT/ckpt/ to .gpu/demo-ckpt/ for the next
+run. Two such runs fill the preset's 14-minute training plan, the second one decaying the learning rate.
 
 What it builds: a standard Hugging Face `LlavaForConditionalGeneration` (CLIP-style vision tower ->
 MLP projector -> Llama) with a byte-level BPE tokenizer whose digits are single tokens and the studio's
