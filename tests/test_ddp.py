@@ -190,3 +190,28 @@ def test_both_ranks_killed_after_a_checkpoint_then_relaunched_end_with_the_unint
     assert not different, f"{len(different)}/{len(want)} tensors differ, e.g. {different[:3]}"
     steps = [r["step"] for r in _rows(out) if "loss" in r]
     assert steps == list(range(1, RUN["max_steps"] + 1)), "rows past the checkpoint were not redone once"
+
+
+# ---------------------------------------------------------------- DeepSpeed (only where it is installed)
+@pytest.mark.parametrize("name, stage, offload", [("zero2", 2, False), ("zero3_offload", 3, True)])
+def test_the_shipped_zero_configs_pass_the_trainers_deepspeed_checks_with_autos_filled_in(name, stage, offload):
+    """The HF Trainer's own validation of the JSON (the `deepspeed=` argument) and DeepSpeed's parser; the
+    "auto" batch sizes become the run's: 2 per device x 4 accumulation x world size."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+
+    from training.config import preset
+    from training.train import deepspeed_config
+
+    path = deepspeed_config(preset("demo-cpu", mode="lora", deepspeed=name))
+    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                             deepspeed=path, report_to="none", use_cpu=True)
+    ds = args.hf_deepspeed_config
+    assert ds.is_zero3() == (stage == 3) and ds.is_offload() == offload
+    cfg = ds.config
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) == (2, 4)
+    assert cfg["train_batch_size"] == 2 * 4 * args.world_size
+    parsed = DeepSpeedConfig(cfg)
+    assert parsed.zero_config.stage == stage
+    assert (parsed.zero_config.offload_param is not None) == offload
