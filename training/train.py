@@ -445,8 +445,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     # 5. save: adapter (+ projector) + config + model card, on the main process only
     final = {"step": trainer.state.global_step, "train_loss": _last(trainer, "loss"),
              **{k: v for k, v in metrics.items() if v is not None}}
+    zero3 = cfg.deepspeed.startswith("zero3")
+    if zero3:
+        # ZeRO-3 leaves each rank 1/world of every parameter: save_pretrained on rank 0 alone writes empty
+        # tensors. The Trainer gathers the trained ones to rank 0 when every rank calls save_model.
+        trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
-        save_adapter(trainer.model, processor, cfg, adapter_dir, final)
+        save_adapter(trainer.model, processor, cfg, adapter_dir, final, weights=not zero3)
     return _finish(out, {"status": "completed", "adapter": str(adapter_dir), "metrics": final,
                          "world_size": args.world_size,
                          "effective_batch_size": args.world_size * args.per_device_train_batch_size
@@ -475,9 +480,12 @@ def _restore_sigterm(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def save_adapter(model, processor, cfg: TrainConfig, adapter_dir: Path, metrics: dict) -> None:
+def save_adapter(model, processor, cfg: TrainConfig, adapter_dir: Path, metrics: dict, weights: bool = True) -> None:
+    """The weights (unless the Trainer just saved them), config, processor for a full model, model card."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(adapter_dir)
+    if weights:
+        model.save_pretrained(adapter_dir)
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)   # Trainer.save_model's pickle: not a model file
     if cfg.mode == "full":
         processor.save_pretrained(adapter_dir)
     cfg.to_yaml(adapter_dir / "train_config.yaml")
