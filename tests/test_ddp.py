@@ -215,3 +215,19 @@ def test_the_shipped_zero_configs_pass_the_trainers_deepspeed_checks_with_autos_
     parsed = DeepSpeedConfig(cfg)
     assert parsed.zero_config.stage == stage
     assert (parsed.zero_config.offload_param is not None) == offload
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3_offload"])
+def test_deepspeed_on_two_cpu_processes_saves_the_whole_adapter_of_the_ddp_run(demo_model, data, reference, stage,
+                                                                               tmp_path):
+    """ZeRO-2, and ZeRO-3 with parameters and optimizer offloaded to the CPU, under the same torchrun launch
+    (DeepSpeed's CPU accelerator, its comm op built just in time on first use). ZeRO-3 partitions every
+    parameter across the ranks: the adapter must hold the gathered tensors, the DDP run's up to float noise."""
+    pytest.importorskip("deepspeed")
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    assert _run(_argv(demo_model, data, out, deepspeed=stage), log, timeout=400) == 0, log.read_text()[-4000:]
+    want, got = _adapter(reference[0]), _adapter(out)
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+    assert worst < 1e-3, f"{stage} adapter differs from the DDP run's by {worst}"
+    assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(1, RUN["max_steps"] + 1))
