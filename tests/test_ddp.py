@@ -231,3 +231,46 @@ def test_deepspeed_on_two_cpu_processes_saves_the_whole_adapter_of_the_ddp_run(d
     worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
     assert worst < 1e-3, f"{stage} adapter differs from the DDP run's by {worst}"
     assert [r["step"] for r in _rows(out) if "loss" in r] == list(range(1, RUN["max_steps"] + 1))
+
+
+def _worker(proc: subprocess.Popen, rank: int) -> int:
+    for pid in _children(proc.pid):
+        environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} worker under torchrun")
+
+
+def test_sigterm_reaching_one_rank_stops_all_ranks_at_the_same_checkpoint_and_the_rerun_matches(
+        demo_model, data, reference, tmp_path):
+    """A signal seen by one rank only (one process sent it, or it came late) must not leave that rank in the
+    checkpoint barrier while the other waits in the next step's all-reduce: the ranks agree each step."""
+    from training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    argv = _argv(demo_model, data, out)
+    proc = _start(argv, log)
+    marker = out / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER
+    deadline = time.time() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            _kill_all(proc)
+            raise AssertionError("no checkpoint-4 before the run ended:\n" + log.read_text()[-4000:])
+        time.sleep(0.01)
+    os.kill(_worker(proc, 1), signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)                   # torchrun reports its workers' exit 143 as a failure
+    finally:
+        if proc.poll() is None:
+            _kill_all(proc)
+            raise AssertionError("the ranks hung after one was stopped:\n" + log.read_text()[-4000:])
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted", result
+    newest = complete_checkpoints(out / "checkpoints")[-1]
+    assert str(newest) == result["checkpoint"] and int(newest.name.split("-")[1]) > 4
+    assert sorted(p.name for p in newest.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert _run(argv, log) == 0, log.read_text()[-4000:]
+    assert f"resuming from {newest}" in log.read_text()
+    want, got = _adapter(reference[0]), _adapter(out)
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not different, f"{len(different)}/{len(want)} tensors differ"
