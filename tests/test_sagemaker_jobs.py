@@ -235,12 +235,13 @@ def test_a_multi_instance_job_asks_for_torchrun_on_every_host_in_the_exact_reque
     assert expected["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 100}
     assert expected["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
     assert expected["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
-    assert expected["EnableManagedSpotTraining"] is False and "MaxWaitTimeInSeconds" not in expected["StoppingCondition"]
+    assert expected["EnableManagedSpotTraining"] is False
+    assert "MaxWaitTimeInSeconds" not in expected["StoppingCondition"]
     from botocore.stub import ANY
     s3.add_response("put_object", {}, {"Bucket": "b-1", "Key": "llava-studio/jobs/multi-host-1/sourcedir.tar.gz",
                                        "Body": ANY})
-    sm.add_response("create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/multi-host-1"},
-                    expected)
+    arn = "arn:aws:sagemaker:us-east-1:1:training-job/multi-host-1"
+    sm.add_response("create_training_job", {"TrainingJobArn": arn}, expected)
     with sm, s3:
         job = launcher.start(cfg)
     sm.assert_no_pending_responses()
@@ -249,8 +250,8 @@ def test_a_multi_instance_job_asks_for_torchrun_on_every_host_in_the_exact_reque
 
 
 def test_one_single_gpu_instance_runs_without_torchrun():
-    request = build_request(preset("llava-1.5-7b-qlora", mode="lora"), SageMakerSettings(role=ROLE, bucket="b-1", spot=False),
-                            "one", "s3://b/c", "s3://b/d")
+    settings = SageMakerSettings(role=ROLE, bucket="b-1", spot=False)
+    request = build_request(preset("llava-1.5-7b-qlora", mode="lora"), settings, "one", "s3://b/c", "s3://b/d")
     assert "sagemaker_torch_distributed_enabled" not in request["HyperParameters"]
     assert request["ResourceConfig"]["InstanceCount"] == 1
 
