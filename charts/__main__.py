@@ -41,6 +41,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bedrock-model", default=DEFAULT_MODEL, help="Bedrock model or inference profile id")
     g.add_argument("--bedrock-region", default=None)
     g.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings")
+    g.add_argument("--look", default="default", help="how charts are drawn: default, or demo / demo-easy "
+                                                     "(square 384 px, large type: the demo model's charts)")
 
     v = sub.add_parser("validate", help="check a LLaVA-format dataset folder, .jsonl or .json")
     v.add_argument("path")
@@ -74,7 +76,7 @@ def _run(args) -> int:
                             families=args.families, split=split, multi_turn=args.multi_turn,
                             qa_per_chart=args.qa_per_chart, paraphrase=args.paraphrase,
                             bedrock_model=args.bedrock_model, bedrock_region=args.bedrock_region,
-                            instruct_share=args.instruct_share, overwrite=args.overwrite)
+                            instruct_share=args.instruct_share, overwrite=args.overwrite, look=args.look)
         for note in manifest["notes"]:
             print(f"note: {note}", file=sys.stderr)
         c = manifest["counts"]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .io import append_jsonl, atomic_write_bytes, atomic_write_json, inside, write_jsonl
 from .questions import FAMILIES, make_questions
-from .spec import KINDS, sample_spec
+from .spec import KINDS, LOOKS, sample_spec
 
 SPLITS = ("train", "val", "test")
 IMAGE_TOKEN = "<image>"
@@ -48,7 +48,7 @@ def make_chart(index: int, settings: dict, out_dir: str | None = None) -> dict:
     rng = random.Random(f"{settings['seed']}:{index}")
     kinds = settings["kinds"]
     kind = kinds[index % len(kinds)]
-    spec = sample_spec(kind, rng)
+    spec = sample_spec(kind, rng, settings.get("look", "default"))
     png = render(spec)
     qas = make_questions(spec, rng, settings["families"])
     rng.shuffle(qas)
@@ -159,7 +159,7 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
              on_progress=None, *, families=None, split=(0.8, 0.1, 0.1), multi_turn: bool = False,
              qa_per_chart: int = 3, paraphrase: bool = False, bedrock_model: str | None = None,
              bedrock_region: str | None = None, bedrock_endpoint_url: str | None = None,
-             instruct_share: float = 0.5, overwrite: bool = False) -> dict:
+             instruct_share: float = 0.5, overwrite: bool = False, look: str = "default") -> dict:
     """Generate `n` charts with their QA into `out_dir`; returns the manifest (also dataset.json).
 
     Re-running with the same arguments resumes a killed run (finished charts are skipped) or, when
@@ -195,6 +195,10 @@ def generate(n: int, kinds=None, seed: int = 0, out_dir="workspace/datasets/char
                 "split": list(split), "multi_turn": multi_turn, "qa_per_chart": qa_per_chart,
                 "paraphrase": bool(paraphrase), "bedrock_model": bedrock_model if paraphrase else None,
                 "instruct_share": instruct_share}
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}; choose from {', '.join(LOOKS)}")
+    if look != "default":       # e.g. "demo", the demo model's charts; absent, a default set's marker is unchanged
+        settings["look"] = look
     _prepare(out, settings, overwrite)
 
     journal = out / ".progress.jsonl"

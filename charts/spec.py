@@ -183,15 +183,16 @@ LEGEND_PLACES = ["upper right", "upper left", "outside right", "below"]
 # Looks: how a chart is drawn beyond the sampled style. "default" is the full style range above. The demo
 # looks are for the small LLaVA that training/pretrain.py trains from scratch: it sees a chart as 24x24
 # patches of 16 px at 384x384, so the chart is drawn square at that size (nothing is shrunk or padded
-# away) with type of 12-15 pt (17-21 px: a capital spans about one patch; at the default 8-11 pt shrunk
+# away) with type of 12-14 pt (17-19 px: a capital spans about one patch; at the default 8-11 pt shrunk
 # from 640 px a letter is a third of a patch) and fewer categories and series, so labels have room to
-# stay upright. "demo-easy" is the first stage of its curriculum: the largest type, values always
-# printed, the fewest categories. None of this changes the default look's random draws.
+# stay upright (14 pt and more ran labels of pies and tables together at 384 px). "demo-easy" is the
+# first stage of its curriculum: the largest type, values always printed, the fewest categories.
+# None of this changes the default look's random draws.
 LOOKS = {
     "default": None,
     "demo": {"size": 384, "fonts": ("DejaVu Sans", "Liberation Sans", "DejaVu Serif"), "font_size": (12, 13),
              "title_size": (13, 14), "max_categories": 6, "max_series": 3, "value_labels": 0.8},
-    "demo-easy": {"size": 384, "fonts": ("DejaVu Sans",), "font_size": (14,), "title_size": (15,),
+    "demo-easy": {"size": 384, "fonts": ("DejaVu Sans",), "font_size": (13,), "title_size": (14,),
                   "max_categories": 4, "max_series": 2, "value_labels": 1.0},
 }
 

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from charts.io import append_jsonl
 from eval.display import short_name, status_line
-from eval.protocol import ModelRef, Request
+from eval.protocol import Request
 
 MAX_QUESTION_CHARS = 4000
 VOTES = ("A better", "B better", "tie", "both bad")

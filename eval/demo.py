@@ -119,6 +119,20 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# The trained demo model (training/pretrain.py exports it; its README.md is the model card).
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-llava"
+_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def shipped_demo_model(path: str | Path = SHIPPED_MODEL) -> Path | None:
+    """`path` (assets/demo-llava) when it holds a complete exported model with its processor, else None:
+    then callers fall back to build_demo_model's random tiny LLaVA."""
+    path = Path(path)
+    complete = all((path / f).is_file() for f in _MODEL_FILES) and any(
+        (path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    return path if complete else None
+
+
 def ensure_demo_model(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").exists():

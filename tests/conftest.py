@@ -47,32 +47,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def studio_server(tmp_path_factory):
-    """`python app.py` on the demo model, as a user starts it, in a fresh workspace. Yields (url, workspace)."""
-    workspace = tmp_path_factory.mktemp("studio-workspace")
+def start_studio(workspace: Path, *args: str, log_path: Path | None = None, timeout: float = 240):
+    """`python app.py` as a user starts it, on a free loopback port; returns (process, url) once it serves."""
     port = free_port()
-    log = open(workspace / "studio.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--workspace", str(workspace)],
+    Path(workspace).mkdir(parents=True, exist_ok=True)
+    log = open(log_path or Path(workspace) / "studio.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--workspace", str(workspace), *args],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc.log = log
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 240
+    deadline = time.time() + timeout
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return proc, url
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("studio did not start:\n" + (workspace / "studio.log").read_text()[-4000:])
+                raise RuntimeError("studio did not start:\n" + Path(log.name).read_text()[-4000:])
             time.sleep(0.5)
-    yield url, workspace
+
+
+def stop_studio(proc) -> None:
     proc.terminate()
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+    proc.log.close()
+
+
+@pytest.fixture(scope="session")
+def studio_server(tmp_path_factory):
+    """`python app.py` on the demo model, as a user starts it, in a fresh workspace. Yields (url, workspace)."""
+    workspace = tmp_path_factory.mktemp("studio-workspace")
+    proc, url = start_studio(workspace)
+    yield url, workspace
+    stop_studio(proc)
 
 
 @pytest.fixture(scope="session")

@@ -62,29 +62,14 @@ def test_the_login_is_read_from_a_file_or_the_environment(tmp_path):
 
 
 def test_a_studio_started_with_an_auth_file_asks_for_that_login(demo_model, tmp_path):
-    import time
-    import urllib.request
-
     from gradio_client import Client
 
-    from conftest import free_port
+    from conftest import start_studio, stop_studio
 
     login = tmp_path / "login"
     login.write_text("alice:long-password\n")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--workspace", str(tmp_path / "ws"),
-                             "--base", str(demo_model), "--auth-file", str(login)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/"
+    proc, url = start_studio(tmp_path / "ws", "--base", str(demo_model), "--auth-file", str(login), timeout=120)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "studio did not start"
-                time.sleep(0.5)
         assert "long-password" not in Path(f"/proc/{proc.pid}/cmdline").read_text()
         with pytest.raises(Exception):
             Client(url, verbose=False)
@@ -92,5 +77,4 @@ def test_a_studio_started_with_an_auth_file_asks_for_that_login(demo_model, tmp_
             Client(url, auth=("alice", "wrong"), verbose=False)
         assert Client(url, auth=("alice", "long-password"), verbose=False).view_api(print_info=False, return_format="dict")
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_studio(proc)

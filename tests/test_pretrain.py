@@ -68,11 +68,12 @@ def test_eval_json_scores_every_family_seen_swapped_and_prior(runs):
     root = runs[0]
     result = json.loads((root / "b" / "eval.json").read_text())
     assert set(result["seen"]["by_family"]) == set(FAMILIES)
-    for key in ("seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior"):
+    for key in ("seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior", "seen_default"):
         assert result[key]["n"] > 0 and result[key]["by_family"]
     assert result["held_out_kind"] == "hbar" and set(result["held_out"]["by_kind"]) == {"hbar"}
     assert "hbar" not in result["seen"]["by_kind"]
     assert result["step"] == 7 and result["device_seconds"] > 0
+    assert set(result["seen"]["table"]) >= {"title", "labels", "values"}
 
 
 def test_labels_cover_each_answer_with_its_leading_space_and_eos():
@@ -107,3 +108,112 @@ def test_demo_looks_draw_square_charts_whose_text_fits(look):
         assert len(spec.categories) <= max(LOOKS[look]["max_categories"] + 1, 5)   # time axes +1, scatter 5
         for text, (left, top, right, bottom), _ in text_boxes(spec):
             assert left >= -0.5 and top >= -0.5 and right <= size + 0.5 and bottom <= size + 0.5, (kind, text)
+
+
+def test_chart_workers_stop_once_the_trainer_is_gone():
+    """Forkserver workers are not the trainer's children: without this check they outlived a killed
+    trainer, drawing charts and holding its output pipe open (a GPU run's `| tee` never ended)."""
+    import subprocess
+    import sys
+
+    from training.pretrain_data import ChartStream, StreamConfig
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    cfg = StreamConfig(seed=0, stages=(Stage(0, "demo"),), held_out="hbar", image_size=32, image_tokens=4,
+                       max_length=200, qa_per_chart=2, table_share=1.0, instruct_share=0.0,
+                       tokenizer_json=train_tokenizer(["a b c"], 300).to_str(), parent_pid=gone.pid)
+    assert list(ChartStream(cfg, 0)) == []
+
+
+def test_shipped_demo_model_is_the_exported_folder_only_when_complete(runs, tmp_path):
+    from eval.demo import shipped_demo_model
+    root = runs[0]
+    assert shipped_demo_model(root / "hf") == root / "hf"
+    assert shipped_demo_model(tmp_path / "missing") is None
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    assert shipped_demo_model(tmp_path / "half") is None
+
+
+def test_export_writes_a_model_card_from_the_eval_numbers(runs):
+    root = runs[0]
+    text = (root / "hf" / "README.md").read_text()
+    result = json.loads((root / "b" / "eval.json").read_text())
+    assert "| family | seen kinds |" in text and "hbar" in text
+    for fam in FAMILIES:
+        assert f"| {fam} |" in text
+    assert f"**{result['seen']['relaxed']:.1f}**" in text and "Device time" in text
+
+
+def test_learning_rate_warms_up_holds_then_decays_over_the_planned_minutes():
+    from training.pretrain import lr_at
+    p = PRESETS["demo"]
+    plan = p.plan_minutes * 60
+    assert lr_at(0, 0.0, p, plan, None) < p.lr / 100
+    assert lr_at(5000, plan * 0.5, p, plan, None) == p.lr
+    assert lr_at(5000, plan * 0.9, p, plan, None) == pytest.approx(p.lr * (1 - 0.9 * 0.5))
+    assert lr_at(9000, plan, p, plan, None) == pytest.approx(p.lr * p.min_lr_ratio)
+    assert lr_at(5001, plan * 0.5, p, plan, resumed_at=5000) < p.lr / 10      # a fresh AdamW warms up again
+
+
+def test_fast_forward_gives_the_llava_models_own_hidden_states(runs):
+    """Training concatenates image features at their fixed place instead of LlavaModel's masked_scatter."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from training.pretrain_model import check_fast_forward, pixel_fn
+    from training.pretrain_data import prompt_text, test_chart
+    root = runs[0]
+    model = AutoModelForImageTextToText.from_pretrained(root / "hf", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(root / "hf")
+    tok = processor.tokenizer
+    rows = [test_chart(i, 5, "bar", "demo", 64) for i in range(2)]
+    prompts = [prompt_text(r["qas"][0]["question"]) for r in rows]
+    n_image = model.config.image_seq_length
+    enc = [tok(p.replace("<image>", "<image>" * n_image), add_special_tokens=False)["input_ids"] for p in prompts]
+    width = min(map(len, enc))
+    ids = torch.tensor([e[:width] for e in enc])
+    pixels = pixel_fn(processor, torch.device("cpu"))(torch.from_numpy(np.stack([r["pixels"] for r in rows])))
+    image_at = int((ids[0] == model.config.image_token_id).nonzero()[0])
+    assert check_fast_forward(model, ids, pixels, image_at, n_image)
+    assert not check_fast_forward(model, ids, pixels, image_at + 1, n_image)      # the check can fail
+
+
+def test_table_scores_count_title_row_labels_and_exact_values():
+    from training.pretrain_eval import table_scores
+    gold = "TITLE | Sales\nRegion | 2023 | 2024\nNorth | 1 | 2\nSouth | 3 | 4"
+    assert table_scores([gold], [gold]) == {"n": 1, "title": 100.0, "labels": 100.0, "values": 100.0}
+    half = "TITLE | Sale\nRegion | 2023 | 2024\nNorth | 1 | 5"
+    assert table_scores([half], [gold]) == {"n": 1, "title": 0.0, "labels": 50.0, "values": 25.0}
+
+
+def test_demo_checkpoint_fits_what_a_gpu_run_can_send_back(tmp_path):
+    """At most 8 files of 16 MiB come back from a run: the demo model's checkpoint takes 5 (4 shards +
+    state.json), leaving metrics.jsonl, eval.json and log.txt; the fp16 weights stay under 50 MB."""
+    from training.pretrain_model import build_model, hf_tokenizer, load_checkpoint, model_config, save_checkpoint
+    p = PRESETS["demo"]
+    tok_json = train_tokenizer(tokenizer_corpus(0, 200, p.stages, p.held_out), p.vocab_size).to_str()
+    tok = hf_tokenizer(tok_json, p.max_length)
+    config = model_config(p, tok)
+    config["text_config"]["vocab_size"] = p.vocab_size          # the full vocab, as 3,000 charts give it
+    model = build_model(config, tok, 0)
+    save_checkpoint(model, {"step": 1, "model_config": config, "tokenizer": tok_json}, tmp_path / "ckpt")
+    files = list((tmp_path / "ckpt").iterdir())
+    assert len(files) <= 5 and all(f.stat().st_size < 16 * 2**20 for f in files)
+    assert sum(f.stat().st_size for f in files if f.suffix == ".safetensors") < 50e6
+    state, weights = load_checkpoint(tmp_path / "ckpt")
+    assert state["step"] == 1 and "lm_head.weight" not in weights        # tied: stored once
+
+
+def test_generate_draws_a_dataset_in_the_demo_look(tmp_path):
+    """What the demo fine-tune and benchmark need: the held-out kind as the demo model sees charts."""
+    from PIL import Image
+
+    from charts import generate, load_qa
+    manifest = generate(3, kinds=["hbar"], seed=1, out_dir=tmp_path / "d", look="demo", split=(1, 0, 0))
+    assert manifest["settings"]["look"] == "demo"
+    items = load_qa(tmp_path / "d")
+    assert items and all(Image.open(it["image"]).size == (384, 384) for it in items)
+    with pytest.raises(ValueError):
+        generate(1, out_dir=tmp_path / "e", look="nope")

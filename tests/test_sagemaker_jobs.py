@@ -219,3 +219,49 @@ def test_code_package_holds_the_entry_script_and_the_packages():
     assert {"sagemaker_entry.py", "requirements.txt", "training/train.py", "training/deepspeed/zero2.json",
             "charts/validate.py", "eval/metrics.py"} <= names
     assert "from training.train import main" in entry and not any("__pycache__" in n for n in names)
+
+
+def test_a_multi_instance_job_asks_for_torchrun_on_every_host_in_the_exact_request(tmp_path, monkeypatch):
+    """2 x ml.g5.2xlarge (one GPU each): the request the HF training container turns into torchrun with
+    --nnodes 2, each host reading the whole (FullyReplicated) dataset and each rank its share of it."""
+    import training.sagemaker as sm_module
+
+    launcher, sm, s3 = _stubbed(tmp_path, instance_type="ml.g5.2xlarge", instance_count=2, spot=False)
+    monkeypatch.setattr(sm_module, "job_name", lambda base: "multi-host-1")
+    cfg = preset("llava-1.5-7b-qlora", mode="lora", deepspeed="zero2", data="s3://b-1/data/charts/")
+    code = "s3://b-1/llava-studio/jobs/multi-host-1/sourcedir.tar.gz"
+    expected = build_request(cfg, launcher.settings, "multi-host-1", code, "s3://b-1/data/charts/")
+    # what the request must say, spelled out rather than taken from build_request alone
+    assert expected["ResourceConfig"] == {"InstanceType": "ml.g5.2xlarge", "InstanceCount": 2, "VolumeSizeInGB": 100}
+    assert expected["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+    assert expected["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3DataDistributionType"] == "FullyReplicated"
+    assert expected["EnableManagedSpotTraining"] is False
+    assert "MaxWaitTimeInSeconds" not in expected["StoppingCondition"]
+    from botocore.stub import ANY
+    s3.add_response("put_object", {}, {"Bucket": "b-1", "Key": "llava-studio/jobs/multi-host-1/sourcedir.tar.gz",
+                                       "Body": ANY})
+    arn = "arn:aws:sagemaker:us-east-1:1:training-job/multi-host-1"
+    sm.add_response("create_training_job", {"TrainingJobArn": arn}, expected)
+    with sm, s3:
+        job = launcher.start(cfg)
+    sm.assert_no_pending_responses()
+    assert job["instance_count"] == 2 and job["id"] == "multi-host-1"
+    assert job["estimate"].startswith("2 x ml.g5.2xlarge")
+
+
+def test_one_single_gpu_instance_runs_without_torchrun():
+    settings = SageMakerSettings(role=ROLE, bucket="b-1", spot=False)
+    request = build_request(preset("llava-1.5-7b-qlora", mode="lora"), settings, "one", "s3://b/c", "s3://b/d")
+    assert "sagemaker_torch_distributed_enabled" not in request["HyperParameters"]
+    assert request["ResourceConfig"]["InstanceCount"] == 1
+
+
+@pytest.mark.parametrize("count, instance_type, message", [
+    (0, "ml.g5.2xlarge", "at least 1"), (2.0, "ml.g5.2xlarge", "whole number"), (True, "ml.g5.2xlarge", "whole number"),
+    ("2", "ml.g5.2xlarge", "whole number"), (2, "ml.m5.xlarge", "several instances need a GPU type"),
+])
+def test_a_bad_instance_count_is_refused_before_any_aws_call(tmp_path, count, instance_type, message):
+    launcher, sm, s3 = _stubbed(tmp_path)
+    launcher.settings = SageMakerSettings(role=ROLE, bucket="b-1", instance_type=instance_type, instance_count=count)
+    with sm, s3, pytest.raises(SageMakerError, match=message):      # a stub with no responses: any call fails
+        launcher.start(preset("llava-1.5-7b-qlora", data="s3://b-1/d/"))

@@ -269,7 +269,12 @@ class EpochSampler:
     """Training order as a function of (seed, epoch) only, so a resumed run sees the batches the
     uninterrupted run saw. The Trainer calls `set_epoch` before each epoch, also on the loader that skips
     a resumed epoch's finished batches. With `lengths`, batches group samples of similar length (the
-    Trainer's LengthGroupedSampler order, from this sampler's own generator)."""
+    Trainer's LengthGroupedSampler order, from this sampler's own generator).
+
+    Under torchrun every rank builds the same order and the Trainer's accelerator gives each rank every
+    world_size-th batch of it: disjoint shares that together are the epoch, as with DistributedSampler
+    (so this sampler must not shard again). Its epoch is set by LlavaTrainer: a resumed epoch's sharded
+    loader does not pass `set_epoch` down to it."""
 
     def __init__(self, n: int, seed: int, batch_size: int = 1, lengths: list[int] | None = None):
         self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths

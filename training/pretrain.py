@@ -2,10 +2,17 @@
 
     python -m training.pretrain --preset demo --out OUT [--resume CKPT] --minutes 8 --workers 15
     python -m training.pretrain --preset tiny --out /tmp/tiny                     # the whole path on CPU, ~1 min
-    python -m training.pretrain --resume OUT/ckpt --out OUT2 --eval-only          # score a checkpoint
-    python -m training.pretrain --resume OUT/ckpt --out OUT2 --steps 0 --no-eval --hf-dir assets/demo-llava
+    python -m training.pretrain --resume OUT/ckpt --out OUT2 --eval-only          # score a checkpoint (GPU)
+    python -m training.pretrain --resume OUT/ckpt --out /tmp/x --steps 0 --no-eval --hf-dir assets/demo-llava
+    python -m training.pretrain_card --eval OUT/eval.json --ckpt OUT/ckpt --out assets/demo-llava  # its card
 
-On the GPU machine: `bash training/pretrain_gpu.sh` (reads .gpu/demo-ckpt/ if present, writes $OUT).
+On the GPU machine (one H200, 16 cores), from the repo root, one run of ~9 minutes:
+
+    export PYTHONPATH=$PWD; bash training/pretrain_gpu.sh
+
+It resumes from .gpu/demo-ckpt/ when that carried folder holds a checkpoint, and writes $OUT/ckpt/,
+metrics.jsonl, eval.json and log.txt (8 files at most); copy $OUT/ckpt/ to .gpu/demo-ckpt/ for the next
+run. Two such runs fill the preset's 14-minute training plan, the second one decaying the learning rate.
 
 What it builds: a standard Hugging Face `LlavaForConditionalGeneration` (CLIP-style vision tower ->
 MLP projector -> Llama) with a byte-level BPE tokenizer whose digits are single tokens and the studio's
@@ -29,33 +36,31 @@ metrics.jsonl (loss and throughput every ~30 s), eval.json (training/pretrain_ev
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
 import os
 import queue
 import random
-import shutil
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from charts.io import append_jsonl, atomic_write_json
 from training.pretrain_data import IGNORE, IMAGE, TASK_QA, TASK_TABLE, Stage, StreamConfig
+from training.pretrain_model import (STATE, build_model, build_processor, check_encoding, check_fast_forward,
+                                     export_hf, hf_tokenizer, llava_hidden, load_checkpoint, model_config, pixel_fn,
+                                     save_checkpoint)
 
 EASY_KINDS = ("bar", "pie", "line", "infographic")
-STATE = "state.json"
-SHARD_BYTES = 15_000_000        # under the 16 MiB a file may be to come back from the GPU machine
 
 
 @dataclass
 class PretrainPreset:
     name: str
     seed: int = 0
-    # --- model. 384 px in 16 px patches = 576 image tokens: the demo look's 12-15 pt type (17-21 px)
+    # --- model. 384 px in 16 px patches = 576 image tokens: the demo look's 12-14 pt type (17-19 px)
     # puts a letter's height in about one patch, the scale at which Pix2Struct-style models read text;
     # 14 px patches would cost 1.4x the tokens, 32 px ones would put whole words in one patch.
     image_size: int = 384
@@ -79,17 +84,21 @@ class PretrainPreset:
     qa_weight: float = 0.5       # loss = qa_weight * mean(QA tokens) + (1 - qa_weight) * mean(table tokens)
     # Curriculum by chart index (reproducible, whatever the speed): big type, few simple kinds first;
     # then every kind but the held-out one in the demo look; then a share of the full default style range.
+    # At ~450 charts/s drawn, a GPU run draws ~190k charts: the last stage starts early in the second run.
     stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
-                     Stage(400_000, "demo", default_share=0.2))
+                     Stage(250_000, "demo", default_share=0.15))
     tokenizer_charts: int = 3000
-    # --- schedule: warmup, constant, linear decay over the last decay_share of total_steps (WSD: the
-    # run count is unknown in advance, and a constant rate suits a fresh AdamW after each resume)
+    # --- schedule: warmup, constant, then a linear decay over the last decay_share of the planned
+    # training time (warmup-stable-decay). The plan is in minutes of training, summed over runs, because
+    # device time comes in runs of ~8 minutes whose speed is unknown in advance: two runs of the GPU
+    # script fill 14 minutes, and the second one decays without anyone changing a setting. Stable is
+    # also what a fresh AdamW after each resume wants.
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 300
     resume_warmup_steps: int = 100
-    total_steps: int = 10_000
+    plan_minutes: float = 14.0
     decay_share: float = 0.2
     weight_decay: float = 0.05
     # --- replay buffer on the GPU (uint8 images: 20k x 442 KB = 8.8 GB)
@@ -101,6 +110,9 @@ class PretrainPreset:
     log_seconds: float = 30.0
     eval_seen_charts: int = 240
     eval_held_out_charts: int = 80
+    eval_default_charts: int = 80    # seen kinds in the full default style range: how far the reading carries
+    eval_table_charts: int = 48      # charts per split also asked for their whole data table
+    eval_table_tokens: int = 320     # a 6 x 4 table of "$340.4k"s, digits one token each, fits
     eval_batch: int = 256
     eval_reserve_s: float = 75.0  # kept free at the end of --deadline-s for the eval and the save
     prior_charts: int = 3000
@@ -119,127 +131,19 @@ PRESETS = {
                            stages=(Stage(0, "demo-easy", EASY_KINDS), Stage(12, "demo"),
                                    Stage(24, "demo", default_share=0.3)),
                            tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
-                           total_steps=40, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
-                           eval_seen_charts=8, eval_held_out_charts=4, eval_batch=32, eval_reserve_s=25.0,
+                           plan_minutes=60.0, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
+                           eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_table_tokens=24, eval_batch=32, eval_reserve_s=25.0,
                            prior_charts=150),
 }
 
 
-# ---------------------------------------------------------------- tokenizer, processor, model
-def hf_tokenizer(tokenizer_json: str, max_length: int):
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from eval.demo import CHAT_TEMPLATE
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(tokenizer_json), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE}, padding_side="left",
-        chat_template=CHAT_TEMPLATE, model_max_length=max_length)
-
-
-def build_processor(p: PretrainPreset, tokenizer):
-    from transformers import LlavaProcessor
-    try:    # the PIL processor needs no torchvision (never installed on CPU machines)
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor
-
-    from eval.demo import CHAT_TEMPLATE
-    image_processor = ImageProcessor(size={"shortest_edge": p.image_size},
-                                     crop_size={"height": p.image_size, "width": p.image_size})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=p.patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
-
-
-def model_config(p: PretrainPreset, tokenizer) -> dict:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    vision = CLIPVisionConfig(image_size=p.image_size, patch_size=p.patch_size, hidden_size=p.vision_hidden,
-                              intermediate_size=p.vision_mlp, num_hidden_layers=p.vision_layers,
-                              num_attention_heads=p.vision_heads, projection_dim=p.vision_hidden)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=p.text_hidden, intermediate_size=p.text_mlp,
-                       num_hidden_layers=p.text_layers, num_attention_heads=p.text_heads,
-                       num_key_value_heads=p.text_kv_heads, max_position_embeddings=max(2048, p.max_length + 64),
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    # vision_feature_layer -1: a tower trained from scratch for this model has no reason to waste its top layer
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         image_seq_length=(p.image_size // p.patch_size) ** 2, projector_hidden_act="gelu",
-                         tie_word_embeddings=True)
-    return config.to_dict()
-
-
-def build_model(config: dict, tokenizer, seed: int, weights: dict | None = None):
-    import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(LlavaConfig.from_dict(config))
-    if weights is not None:
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-        if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
-    gc = model.generation_config
-    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
-    return model
-
-
-# ---------------------------------------------------------------- checkpoints
-def save_checkpoint(model, state: dict, ckpt: Path) -> None:
-    """fp16 weights in shards of <= SHARD_BYTES (tied lm_head stored once) + state.json, swapped in whole."""
-    import torch
-    from safetensors.torch import save_file
-    tmp = ckpt.with_name(ckpt.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    seen, shards, cur, size = set(), [], {}, 0
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        t = t.detach().to("cpu", dtype=torch.float16 if t.is_floating_point() else t.dtype)
-        if cur and size + t.numel() * t.element_size() > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[name] = t.contiguous()
-        size += t.numel() * t.element_size()
-    shards.append(cur)
-    names = [f"weights-{k + 1:02d}-of-{len(shards):02d}.safetensors" for k in range(len(shards))]
-    for n, sd in zip(names, shards):
-        save_file(sd, str(tmp / n))
-    state["shards"] = names
-    atomic_write_json(tmp / STATE, state)
-    old = ckpt.with_name(ckpt.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt.exists():
-        ckpt.rename(old)
-    tmp.rename(ckpt)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-    state = json.loads((Path(ckpt) / STATE).read_text(encoding="utf-8"))
-    weights = {}
-    for n in state["shards"]:
-        weights.update(load_file(str(Path(ckpt) / n)))
-    return state, weights
-
-
-def export_hf(model, processor, out_dir: Path) -> Path:
-    """The model in fp16 + its processor in the standard layout (what assets/demo-llava ships)."""
-    import torch
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    copy.deepcopy(model).to("cpu", dtype=torch.float16).save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
-
-
 # ---------------------------------------------------------------- replay buffer
+def to_device(x, device):
+    """A CPU tensor on `device` without waiting: `torch.tensor(..., device="cuda")` and plain `.to()`
+    synchronize the stream, which would stall the GPU once or twice per step."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
 class Replay:
     """The last `capacity` charts on the GPU (uint8 images) with their token rows on the CPU. Batches
     take every chart not yet trained on first, then fill up with random earlier ones."""
@@ -256,7 +160,7 @@ class Replay:
         import torch
         n = len(batch["ids"])
         slots = [(self.next + k) % self.capacity for k in range(n)]
-        self.pixels[torch.tensor(slots, device=self.device)] = batch["pixels"].to(self.device, non_blocking=True)
+        self.pixels[to_device(torch.tensor(slots), self.device)] = batch["pixels"].to(self.device, non_blocking=True)
         for s, ids, labels, task in zip(slots, batch["ids"], batch["labels"], batch["task"]):
             self.rows[s] = (ids, labels, task)
         self.fresh.extend(slots)
@@ -269,17 +173,23 @@ class Replay:
         return out + [rng.randrange(self.filled) for _ in range(k - len(out))]
 
 
-def _feed(loader, q: queue.Queue, stop: threading.Event) -> None:
-    """Move worker batches into `q` until `stop` (a thread: the trainer never waits on a worker)."""
-    for batch in loader:
-        while not stop.is_set():
-            try:
-                q.put(batch, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        if stop.is_set():
-            return
+def _feed(loader, q: queue.Queue, stop: threading.Event, pin: bool, errors: list) -> None:
+    """Move worker batches into `q` as tensors until `stop` (a thread: the trainer never waits on a
+    worker). A worker's exception is kept in `errors` for the trainer to raise."""
+    from training.pretrain_data import to_torch
+    try:
+        for batch in loader:
+            batch = to_torch(batch, pin)
+            while not stop.is_set():
+                try:
+                    q.put(batch, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except Exception as e:  # noqa: BLE001 - handed to the training thread, which raises it
+        errors.append(e)
 
 
 def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
@@ -307,22 +217,14 @@ def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
     return ids, pos, tgt[pos], weight, kind, int((ids != pad_id).sum())
 
 
-def lr_at(step: int, p: PretrainPreset, total: int, resumed_at: int | None) -> float:
+def lr_at(step: int, trained_s: float, p: PretrainPreset, plan_s: float, resumed_at: int | None) -> float:
+    """Warmup over steps, then constant, then linear decay to min_lr_ratio over the plan's last seconds."""
     warm = min(1.0, (step + 1) / max(1, p.warmup_steps))
     if resumed_at is not None:      # the fresh AdamW of a resumed run re-learns its moments first
         warm = min(warm, (step - resumed_at + 1) / max(1, p.resume_warmup_steps))
-    decay_from = total * (1 - p.decay_share)
-    f = 1.0 if step < decay_from else 1 - (1 - p.min_lr_ratio) * (step - decay_from) / max(1, total - decay_from)
+    decay_from = plan_s * (1 - p.decay_share)
+    f = 1.0 if trained_s < decay_from else 1 - (1 - p.min_lr_ratio) * (trained_s - decay_from) / max(1e-9, plan_s - decay_from)
     return p.lr * warm * max(p.min_lr_ratio, f)
-
-
-def pixel_fn(processor, device):
-    """uint8 NHWC on the device -> the processor's normalized NCHW floats."""
-    import torch
-    ip = processor.image_processor
-    mean = torch.tensor(ip.image_mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(ip.image_std, device=device).view(1, 3, 1, 1)
-    return lambda u8: (u8.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
 
 def log(msg: str, t0: float) -> None:
@@ -344,19 +246,27 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     forward = torch.compile(model.model, dynamic=True) if args.compile else model.model
     to_pixels = pixel_fn(processor, device)
     replay = Replay(p.buffer_charts, p.image_size, device)
-    loader = chart_loader(cfg, state["next_index"], args.workers, p.loader_batch, pin=cuda)
+    loader = chart_loader(cfg, state["next_index"], args.workers, p.loader_batch)
     q: queue.Queue = queue.Queue(maxsize=max(8, 2 * args.workers))
     stop = threading.Event()
-    threading.Thread(target=_feed, args=(loader, q, stop), daemon=True).start()
+    batches = iter(loader)
+    errors: list = []
+    feeder = threading.Thread(target=_feed, args=(batches, q, stop, cuda, errors), daemon=True)
+    feeder.start()
     rng = random.Random(f"{p.seed}:replay:{state['step']}")
     resumed_at = state["step"] if state["step"] else None
-    total = state["total_steps"]
+    plan_s = state["plan_minutes"] * 60
+    trained_s0 = state.get("train_seconds", 0.0)
     kinds, looks = Counter(state["kinds_trained"]), Counter(state["looks_trained"])
     pad_id = processor.tokenizer.pad_token_id
-    start_step, t_wait = state["step"], time.time()
+    image_id, n_image = model.config.image_token_id, (p.image_size // p.patch_size) ** 2
+    fast, image_at = None, None     # decided on the first batch
+    start_step, start_index, t_wait = state["step"], state["next_index"], time.time()
     trained0, generated0 = state["charts_trained"], state["charts_generated"]
 
     def pull(block: bool) -> None:
+        if errors:
+            raise RuntimeError("a chart worker failed") from errors[0]
         while len(replay.fresh) < p.batch_size:
             try:
                 batch = q.get(timeout=5) if block else q.get_nowait()
@@ -372,6 +282,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     while replay.filled < need and time.time() - t_wait < 300:
         replay.fresh.clear()                # pull() stops at a batch's worth of fresh charts: keep filling
         pull(block=True)
+    if not replay.filled:
+        raise RuntimeError("no chart arrived from the workers in 300 s")
     replay.fresh = deque(range(replay.filled))
     t_start = time.time()
     log(f"buffer ready: {replay.filled} charts in {t_start - t_wait:.1f}s; training from step {state['step']}", t0)
@@ -381,18 +293,28 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
            "n_qa": 0, "n_table": 0, "steps": 0}
     trained = 0
     model.train()
-    while state["step"] < total and state["step"] - start_step < args.steps and time.time() < budget_end:
+    while (trained_s0 + time.time() - t_start < plan_s and state["step"] - start_step < args.steps
+           and time.time() < budget_end):
         pull(block=replay.filled == 0)
         slots = replay.take(p.batch_size, rng)
         ids, pos, tgt, weight, kind, n_tok = _batch(replay, slots, pad_id, p)
-        lr = lr_at(state["step"], p, total, resumed_at)
+        ids_cpu = ids
+        lr = lr_at(state["step"], trained_s0 + time.time() - t_start, p, plan_s, resumed_at)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, pos, tgt, weight, kind_d = (x.pin_memory().to(device, non_blocking=True) if cuda else x
-                                         for x in (ids, pos, tgt, weight, kind))
-        pv = to_pixels(replay.pixels[torch.tensor(slots, device=device)])
+        ids, pos, tgt, weight, kind_d = (to_device(x, device) for x in (ids, pos, tgt, weight, kind))
+        pv = to_pixels(replay.pixels[to_device(torch.tensor(slots), device)])
+        if fast is None:
+            image_at = int((ids_cpu[0] == image_id).nonzero()[0])
+            fast = check_fast_forward(model, ids, pv, image_at, n_image) and not args.compile
+            log(f"forward: {'image features concatenated at ' + str(image_at) if fast else 'LlavaModel'}", t0)
+        if fast and not bool((ids_cpu[:, image_at] == image_id).all()):
+            raise RuntimeError("a training row does not start with its image tokens")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            h = forward(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
+            if fast:
+                h = llava_hidden(model, ids, pv, image_at, n_image)
+            else:
+                h = forward(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
             logits = model.lm_head(h[:, :-1].reshape(-1, h.shape[-1])[pos])
         per_tok = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
         loss = (per_tok * weight).sum()
@@ -412,7 +334,7 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
         win["n_qa"] += int((kind == TASK_QA).sum())
         win["n_table"] += int((kind == TASK_TABLE).sum())
         now = time.time()
-        if now - win["t"] >= p.log_seconds or state["step"] >= total:
+        if now - win["t"] >= p.log_seconds:
             dt = now - win["t"]
             rec = {"step": state["step"], "loss": round(float(win["loss"]) / win["steps"], 4),
                    "qa_loss": round(float(win["qa"]) / max(1, win["n_qa"]), 4),
@@ -427,43 +349,32 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
             log(json.dumps(rec), t0)
             win = {"t": now, "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
                    "n_qa": 0, "n_table": 0, "steps": 0}
-        if now >= next_ckpt:
-            state.update(kinds_trained=dict(kinds), looks_trained=dict(looks))
+        if now >= next_ckpt:       # a run killed after this point resumes from here, its plan time included
+            state.update(kinds_trained=dict(kinds), looks_trained=dict(looks),
+                         train_seconds=round(trained_s0 + now - t_start, 1))
             save_checkpoint(model, state, out / "ckpt")
             log(f"checkpoint at step {state['step']}", t0)
             next_ckpt = now + p.checkpoint_minutes * 60
     stop.set()
     state["charts_trained"], state["charts_generated"] = trained0 + trained, generated0 + replay.added
     train_s = time.time() - t_start
-    state["train_seconds"] = round(state.get("train_seconds", 0) + train_s, 1)
+    state["train_seconds"] = round(trained_s0 + train_s, 1)
     state.update(kinds_trained=dict(kinds), looks_trained=dict(looks))
     state["runs"].append({"steps": [start_step, state["step"]], "train_s": round(train_s, 1),
                           "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                           "charts_per_s": round((state["step"] - start_step) * p.batch_size / max(train_s, 1e-9), 1),
-                          "charts_generated": replay.added})
-    del loader
+                          "charts_generated": replay.added, "charts": [start_index, state["next_index"]],
+                          "stages": [dataclasses.asdict(s) for s in p.stages]})
+    feeder.join(timeout=15)
+    shutdown = getattr(batches, "_shutdown_workers", None)     # end the workers now, not at garbage collection
+    if shutdown:
+        shutdown()
     return state
 
 
 # ---------------------------------------------------------------- the run
-def check_encoding(processor, tok, p: PretrainPreset) -> None:
-    """The worker-side encoding must give the very ids the saved processor gives (else training and
-    inference would see different prompts): checked once per run on a sample prompt."""
-    from PIL import Image
-
-    from training.pretrain_data import encode, prompt_text
-    text = prompt_text("What is the value for Q1 2024 in $3.4M?")
-    ours = encode(tok, text, [], tok.token_to_id(IMAGE), (p.image_size // p.patch_size) ** 2)[0]
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text.split("\n", 1)[1][:-11]}]}]
-    rendered = processor.apply_chat_template(msgs, add_generation_prompt=True)
-    theirs = processor(images=[Image.new("RGB", (p.image_size, p.image_size), "white")], text=[rendered],
-                       return_tensors="pt")["input_ids"][0].tolist()
-    if rendered != text or ours != theirs:
-        raise RuntimeError(f"worker encoding differs from the processor's: {rendered!r} vs {text!r}")
-
-
 def fresh_state(p: PretrainPreset, tok_json: str, config: dict) -> dict:
-    return {"format": 1, "preset": p.name, "seed": p.seed, "step": 0, "next_index": 0, "total_steps": p.total_steps,
+    return {"format": 1, "preset": p.name, "seed": p.seed, "step": 0, "next_index": 0, "plan_minutes": p.plan_minutes,
             "charts_trained": 0, "charts_generated": 0, "train_seconds": 0.0, "kinds_trained": {}, "looks_trained": {},
             "held_out": p.held_out, "runs": [], "model_config": config, "tokenizer": tok_json}
 
@@ -483,8 +394,7 @@ def run(args) -> dict:
         p = PRESETS[args.preset or state["preset"]]
     else:
         p = PRESETS[args.preset or "demo"]
-    if args.total_steps:
-        p = p.replace(total_steps=args.total_steps)
+    p = p.replace(**parse_overrides(args.set or []))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -498,8 +408,9 @@ def run(args) -> dict:
         state = fresh_state(p, tok_json, model_config(p, hf_tok))
     else:
         hf_tok = hf_tokenizer(state["tokenizer"], p.max_length)
-    if args.total_steps:
-        state["total_steps"] = args.total_steps
+    if args.plan_minutes:
+        state["plan_minutes"] = args.plan_minutes
+    state.setdefault("plan_minutes", p.plan_minutes)      # checkpoints of the step-planned first version
     tok = Tokenizer.from_str(state["tokenizer"])
     processor = build_processor(p, hf_tok)
     check_encoding(processor, tok, p)
@@ -511,16 +422,14 @@ def run(args) -> dict:
     cfg = StreamConfig(seed=p.seed, stages=p.stages, held_out=p.held_out, image_size=p.image_size,
                        image_tokens=(p.image_size // p.patch_size) ** 2, max_length=p.max_length,
                        qa_per_chart=p.qa_per_chart, table_share=p.table_share, instruct_share=p.instruct_share,
-                       tokenizer_json=state["tokenizer"])
-    if not args.eval_only and args.steps > 0:
+                       tokenizer_json=state["tokenizer"], parent_pid=os.getpid())
+    trains = not args.eval_only and args.steps > 0
+    if trains:
         state = train(model, processor, p, state, cfg, out, args, t0, device)
-    if state["runs"]:
+    if trains:
         state["runs"][-1]["wall_s"] = round(time.time() - t0, 1)
     save_checkpoint(model, state, out / "ckpt")
     log(f"checkpoint at step {state['step']} -> {out / 'ckpt'}", t0)
-    if args.hf_dir:
-        export_hf(model, processor, Path(args.hf_dir))
-        log(f"exported the model and processor to {args.hf_dir}", t0)
     result = {}
     if not args.no_eval:
         final = p.stages[-1]
@@ -528,20 +437,22 @@ def run(args) -> dict:
         jobs = {"seen": [(i, p.test_seed, seen[i % len(seen)], final.look, p.image_size)
                          for i in range(p.eval_seen_charts)],
                 "held_out": [(i, p.test_seed, p.held_out, final.look, p.image_size)
-                             for i in range(p.eval_held_out_charts)]}
+                             for i in range(p.eval_held_out_charts)],
+                "seen_default": [(i, p.test_seed, seen[i % len(seen)], "default", p.image_size)
+                                 for i in range(p.eval_default_charts)]}
         # a pool only pays for its start-up on a real test set
         charts = {k: data.test_charts(v, args.workers if len(v) >= 64 else 1) for k, v in jobs.items()}
         prior = data.answer_prior(p.seed, final, p.held_out, p.prior_charts)
         image_id, n_img = tok.token_to_id(IMAGE), (p.image_size // p.patch_size) ** 2
         encode_prompt = lambda q: data.encode(tok, data.prompt_text(q), [], image_id, n_img)[0]  # noqa: E731
         result = evaluate(model, hf_tok, charts, encode_prompt, pixel_fn(processor, device), prior, device,
-                          p.eval_batch)
+                          p.eval_batch, table_charts=p.eval_table_charts, table_tokens=p.eval_table_tokens)
         result.update(step=state["step"], preset=p.name, held_out_kind=p.held_out, seen_kinds=list(seen),
                       look=final.look, test_seed=p.test_seed, params=n_params, train_seconds=state["train_seconds"],
                       device_seconds=round(sum(r.get("wall_s", 0) for r in state["runs"]), 1),
                       kinds_trained=state["kinds_trained"])
         atomic_write_json(out / "eval.json", result)
-        if state["runs"]:       # the run's device time includes its eval
+        if trains:       # the run's device time includes its eval
             state["runs"][-1]["wall_s"] = round(time.time() - t0, 1)
             result["device_seconds"] = round(sum(r.get("wall_s", 0) for r in state["runs"]), 1)
             atomic_write_json(out / "ckpt" / STATE, state)
@@ -550,8 +461,27 @@ def run(args) -> dict:
         log(f"eval: seen {result['seen']['relaxed']} (swapped {result['seen_swapped']['relaxed']}, "
             f"prior {result['seen_prior']['relaxed']}), held-out {result['held_out']['relaxed']} "
             f"in {result['eval_seconds']}s -> {out / 'eval.json'}", t0)
+    if args.hf_dir:
+        from training.pretrain_card import write_card
+        export_hf(model, processor, Path(args.hf_dir))
+        if result:
+            write_card(result, state, Path(args.hf_dir))
+        log(f"exported the model and processor{' and its card' if result else ''} to {args.hf_dir}", t0)
     log(f"done in {time.time() - t0:.1f}s", t0)
     return {"state": state, "eval": result}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["batch_size=128", "lr=2e-3"] -> typed preset fields (the type of each field's default)."""
+    fields = {f.name: f for f in dataclasses.fields(PretrainPreset)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields or key in ("name", "stages"):
+            raise SystemExit(f"--set {pair}: not a preset field; choose from "
+                             + ", ".join(k for k in fields if k not in ("name", "stages")))
+        out[key] = type(getattr(PRESETS["demo"], key))(value)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -564,10 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall-clock budget of the whole run from start, the eval and the save included")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="chart-drawing processes")
     ap.add_argument("--steps", type=int, default=10**9, help="at most this many steps in this run")
-    ap.add_argument("--total-steps", type=int, default=0, help="change the schedule's length (default: preset's)")
+    ap.add_argument("--plan-minutes", type=float, default=0.0,
+                    help="training minutes summed over all runs, the end of the decay (default: the checkpoint's, "
+                         "else the preset's); raise it to train on after the plan was reached")
     ap.add_argument("--eval-only", action="store_true", help="no training: score --resume's checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     ap.add_argument("--hf-dir", help="also write the model + processor here in the Hugging Face layout")
+    ap.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override preset fields, e.g. batch_size=128")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     return ap

@@ -9,8 +9,7 @@ answers only (the space after "ASSISTANT:", the answer, its EOS), as training.da
 worker tokenizes with the raw `tokenizers` object (no transformers import, no Jinja per chart) and
 training/pretrain.py checks once at start that its ids equal what the saved processor produces.
 
-Everything a worker returns is uint8 / int32 tensors, which reach the trainer through shared memory.
-This module is the DataLoader's (its workers import it), so torch is imported at the top, unlike the
+Workers return numpy arrays (see `collate`); the trainer's feeder thread makes them tensors. This module is the DataLoader's (its workers import it), so torch is imported at the top, unlike the
 rest of the project; only training/pretrain.py imports it.
 """
 from __future__ import annotations
@@ -155,6 +154,19 @@ class StreamConfig:
     table_share: float
     instruct_share: float
     tokenizer_json: str
+    parent_pid: int = 0            # the trainer: workers stop when it is gone
+
+
+def _alive(pid: int) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
@@ -187,21 +199,32 @@ def _tokenizer(cfg: StreamConfig):
     return Tokenizer.from_str(cfg.tokenizer_json)
 
 
-def _as_tensors(sample: dict) -> dict:
+def _as_arrays(sample: dict) -> dict:
+    import numpy as np
     out = dict(sample)
-    out["pixels"] = torch.from_numpy(sample["pixels"].copy())
     for key in ("ids", "labels"):
-        out[key] = torch.tensor(sample[key], dtype=torch.int32)
-    out["task"] = torch.tensor(sample["task"], dtype=torch.int8)
+        out[key] = np.asarray(sample[key], dtype=np.int32)
+    out["task"] = np.asarray(sample["task"], dtype=np.int8)
     return out
 
 
 def collate(samples: list[dict]) -> dict:
-    """Images stacked (one shared-memory block per batch); token lists kept ragged."""
-    return {"pixels": torch.stack([s["pixels"] for s in samples]),
+    """Images stacked, token rows kept ragged; numpy, not tensors, so a batch travels through the worker's
+    pipe rather than /dev/shm (often 64 MB in containers: DataLoader tensors would overflow it)."""
+    import numpy as np
+    return {"pixels": np.stack([s["pixels"] for s in samples]),
             "ids": [s["ids"] for s in samples], "labels": [s["labels"] for s in samples],
             "task": [s["task"] for s in samples], "index": [s["index"] for s in samples],
             "kind": [s["kind"] for s in samples], "look": [s["look"] for s in samples]}
+
+
+def to_torch(batch: dict, pin: bool) -> dict:
+    """A collated batch as tensors (images pinned for an asynchronous copy to the GPU)."""
+    pixels = torch.from_numpy(batch["pixels"])
+    out = dict(batch, pixels=pixels.pin_memory() if pin else pixels)
+    for key in ("ids", "labels", "task"):
+        out[key] = [torch.from_numpy(a) for a in batch[key]]
+    return out
 
 
 class ChartStream(torch.utils.data.IterableDataset):
@@ -221,12 +244,14 @@ class ChartStream(torch.utils.data.IterableDataset):
         tok = _tokenizer(self.cfg)
         image_id = tok.token_to_id(IMAGE)
         i = self.start + wid
-        while True:
-            yield _as_tensors(training_sample(i, self.cfg, tok, image_id))
+        # forkserver workers are the server's children, not the trainer's, so DataLoader's own watchdog
+        # (which watches the parent) would keep them drawing charts for ever after a trainer that died
+        while _alive(self.cfg.parent_pid):
+            yield _as_arrays(training_sample(i, self.cfg, tok, image_id))
             i += nw
 
 
-def chart_loader(cfg: StreamConfig, start: int, workers: int, per_batch: int, pin: bool):
+def chart_loader(cfg: StreamConfig, start: int, workers: int, per_batch: int):
     """An endless DataLoader of `per_batch`-chart groups drawn by `workers` processes (forkserver: they
     fork from a clean server with matplotlib loaded, never from the CUDA-holding trainer)."""
     import multiprocessing
@@ -237,7 +262,7 @@ def chart_loader(cfg: StreamConfig, start: int, workers: int, per_batch: int, pi
                                     "matplotlib.backends.backend_agg", "training.pretrain_data"])
         kw = dict(multiprocessing_context=ctx, prefetch_factor=4, persistent_workers=False)
     return torch.utils.data.DataLoader(ChartStream(cfg, start), batch_size=per_batch, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin, **kw)
+                                       collate_fn=collate, **kw)
 
 
 # ---------------------------------------------------------------- test charts
@@ -248,11 +273,13 @@ def test_chart(index: int, seed: int, kind: str, look: str, size: int) -> dict:
     from charts.questions import make_questions
     from charts.render import render
     from charts.spec import sample_spec
+    from charts.tables import TABLE_PROMPTS, data_table
     rng = random.Random(f"{seed}:test:{kind}:{index}")
     spec = sample_spec(kind, rng, look)
     qas = [{"question": q.question + SHORT_ANSWER_INSTRUCTION, "answer": q.answer, "family": q.family,
             "answer_type": q.answer_type, "kind": kind} for q in make_questions(spec, rng)]
-    return {"pixels": chart_pixels(render(spec), size), "qas": qas, "kind": kind}
+    return {"pixels": chart_pixels(render(spec), size), "qas": qas, "kind": kind,
+            "table_prompt": TABLE_PROMPTS[0], "table": data_table(spec)}
 
 
 def _test_chart_job(args):

@@ -6,7 +6,11 @@ Four numbers per family, on fresh test charts (another seed than training, the d
 - *_swapped: the same questions with each image replaced by the next test chart's. A model that reads
   the chart loses accuracy here; one that learned answer priors does not (the issue's target: >= 30
   points lower than seen);
-- prior: the most common training answer of each family, answered without looking.
+- prior: the most common training answer of each family, answered without looking;
+- seen_default: the pretraining kinds drawn in the full default style range (smaller type, other sizes),
+  padded and shrunk to the model's input as the studio does: how far the reading carries;
+- table: the chart -> data table target itself, on the first charts of each split: title, row labels
+  and value cells written back exactly.
 Scores are eval.metrics' relaxed accuracy (ChartQA's reference rule, and the normalized one), with
 questions ending in the benchmark's short-answer instruction, as `python -m eval run` asks them.
 """
@@ -63,8 +67,36 @@ def _score(preds: list[str], items: list[dict]) -> dict:
             "by_kind": {k: {"relaxed": pct(v), "n": len(v)} for k, v in sorted(by_kind.items())}}
 
 
+def _rows(table_text: str) -> dict[str, list[str]]:
+    out = {}
+    for line in table_text.splitlines()[2:]:
+        cells = [c.strip() for c in line.split("|")]
+        out.setdefault(cells[0], cells[1:])
+    return out
+
+
+def table_scores(preds: list[str], golds: list[str]) -> dict:
+    """How much of each data table the model wrote back: title exact, row labels found, value cells exact
+    (%). A model that reads shows it here before its QA answers catch up."""
+    title = labels = labels_ok = cells = cells_ok = 0
+    for p, g in zip(preds, golds):
+        title += p.split("\n", 1)[0].strip() == g.split("\n", 1)[0]
+        pred_rows = _rows(p)
+        for label, values in _rows(g).items():
+            labels += 1
+            got = pred_rows.get(label)
+            labels_ok += got is not None
+            for k, v in enumerate(values):
+                cells += 1
+                cells_ok += bool(got) and k < len(got) and got[k] == v
+    pct = lambda a, b: round(100 * a / max(1, b), 1)  # noqa: E731
+    return {"n": len(golds), "title": pct(title, len(golds)), "labels": pct(labels_ok, labels),
+            "values": pct(cells_ok, cells)}
+
+
 def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pixel_fn, prior: dict[str, str],
-             device, batch_size: int = 128, examples: int = 12) -> dict:
+             device, batch_size: int = 128, examples: int = 12, table_charts: int = 48,
+             table_tokens: int = 320) -> dict:
     """charts: {"seen": [test_chart dicts], "held_out": [...]} -> the eval JSON (see the module docstring)."""
     import numpy as np
     import torch
@@ -90,6 +122,11 @@ def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pix
                                              "gold": it["answer"], "pred": p}
                                             for it, p in list(zip(items, preds))[:examples]]
         result[f"{split}_prior"] = _score([prior.get(it["family"], "") for it in items], items)
+        some = rows[:table_charts]       # chart -> table, the pretraining target, on the first few charts
+        tables = greedy_answers(model, tokenizer, [encode_prompt(r["table_prompt"]) for r in some],
+                                pixels[:len(some)], pixel_fn, batch_size, max_new_tokens=table_tokens)
+        result[split]["table"] = table_scores(tables, [r["table"] for r in some])
+        result[split]["table"]["example"] = {"gold": some[0]["table"], "pred": tables[0]}
     for split in charts:
         if split in result:
             result[split]["looks_drop"] = round(result[split]["relaxed"] - result[f"{split}_swapped"]["relaxed"], 1)
@@ -100,8 +137,8 @@ def evaluate(model, tokenizer, charts: dict[str, list[dict]], encode_prompt, pix
 
 def table(result: dict) -> str:
     """Relaxed accuracy per family: seen / swapped / prior / held-out / held-out swapped, as text."""
-    cols = [c for c in ("seen", "seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior")
-            if c in result]
+    cols = [c for c in ("seen", "seen_swapped", "seen_prior", "held_out", "held_out_swapped", "held_out_prior",
+                        "seen_default") if c in result]
     families = sorted({f for c in cols for f in result[c]["by_family"]})
     lines = ["family".ljust(12) + "".join(c.rjust(18) for c in cols)]
     for f in families:
@@ -111,4 +148,9 @@ def table(result: dict) -> str:
             cells.append((f"{v['relaxed']:.1f} ({v['n']})" if v else "-").rjust(18))
         lines.append(f.ljust(12) + "".join(cells))
     lines.append("ALL".ljust(12) + "".join(f"{result[c]['relaxed']:.1f} ({result[c]['n']})".rjust(18) for c in cols))
+    for c in cols:
+        if "table" in result[c]:
+            t = result[c]["table"]
+            lines.append(f"data table, {c}: title {t['title']}%, row labels {t['labels']}%, values {t['values']}% "
+                         f"({t['n']} charts)")
     return "\n".join(lines)

@@ -6,7 +6,7 @@
 # Resumes from .gpu/demo-ckpt/ when it holds a checkpoint (carry that folder), else starts from scratch.
 # Writes to $OUT (at most 8 files, all under 16 MiB: what a run may send back): ckpt/ (fp16 weight shards
 # + state.json), metrics.jsonl, eval.json, log.txt. For the next run, copy $OUT/ckpt/ to .gpu/demo-ckpt/.
-# Extra arguments go to python -m training.pretrain (e.g. --total-steps 8000).
+# Extra arguments go to python -m training.pretrain (e.g. --plan-minutes 24 to train past the 14-minute plan).
 set -euo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 OUT=${OUT:-/tmp/pretrain-out}

@@ -48,6 +48,7 @@ SECONDARY_DETAIL = {
     "MaxRuntimeExceeded": "ran past max runtime; stopped",
     "Stopped": "stopped on request",
 }
+GPU_FAMILIES = ("ml.g", "ml.p")
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
 
@@ -78,10 +79,16 @@ def check_settings(s: SageMakerSettings) -> None:
                              "with S3 access to the bucket")
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", s.bucket or ""):
         raise SageMakerError("an S3 bucket name is needed (3-63 lowercase letters, digits, dots, hyphens)")
-    if s.instance_count < 1:
-        raise SageMakerError("instance count must be at least 1")
+    # botocore would refuse a float (a form's 2.0) only after the code and data were uploaded
+    if not isinstance(s.instance_count, int) or isinstance(s.instance_count, bool) or s.instance_count < 1:
+        raise SageMakerError(f"instance count {s.instance_count!r}: a whole number, at least 1")
     if not s.instance_type.startswith("ml."):
         raise SageMakerError(f"instance type {s.instance_type!r}: SageMaker types start with 'ml.'")
+    if s.instance_count > 1 and not s.instance_type.startswith(GPU_FAMILIES):
+        # torchrun across hosts trains on every GPU of every host; CPU hosts would bill for a job far
+        # slower than one GPU instance
+        raise SageMakerError(f"{s.instance_count} instances of {s.instance_type}: several instances need a GPU "
+                             f"type ({', '.join(f + '*' for f in GPU_FAMILIES)})")
     if s.spot and s.max_wait_s < s.max_runtime_s:
         raise SageMakerError(f"spot jobs need max wait ({s.max_wait_s} s) >= max runtime ({s.max_runtime_s} s)")
 
@@ -108,7 +115,9 @@ def build_request(cfg: TrainConfig, s: SageMakerSettings, name: str, code_uri: s
     hp.update({"sagemaker_program": json.dumps(ENTRY), "sagemaker_submit_directory": json.dumps(code_uri),
                "sagemaker_region": json.dumps(s.region), "sagemaker_container_log_level": "20"})
     if s.instance_count > 1 or GPUS_PER_INSTANCE.get(s.instance_type, 1) > 1:
-        hp["sagemaker_torch_distributed_enabled"] = json.dumps(True)   # torchrun over all GPUs and hosts
+        # The Hugging Face container then starts torchrun on every host (--nnodes = instance count, the first
+        # host as master); each rank reads its own share of the FullyReplicated channel (training.data)
+        hp["sagemaker_torch_distributed_enabled"] = json.dumps(True)
     check_hyperparameters(hp)
     channels = [_channel("train", data_uri)] + ([_channel("model", model_uri)] if model_uri else [])
     request = {

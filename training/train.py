@@ -216,9 +216,21 @@ def _trainer_class():
             # run: the global RNG at resume time is not the one the original epoch started with.
             lengths = getattr(self.train_dataset, "lengths", None)
             grouped = self.group_by_length and lengths
-            return EpochSampler(len(self.train_dataset), seed=self.args.data_seed or self.args.seed,
-                                batch_size=self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                lengths=lengths if grouped else None)
+            self.epoch_sampler = EpochSampler(len(self.train_dataset), seed=self.args.data_seed or self.args.seed,
+                                              batch_size=self.args.train_batch_size
+                                              * self.args.gradient_accumulation_steps,
+                                              lengths=lengths if grouped else None)
+            return self.epoch_sampler
+
+        def _run_epoch(self, *args, **kwargs):
+            # The sampler is told its epoch here, not through the loader: with several processes a resumed
+            # epoch's loader nests the sampler four deep (skip -> shard -> batch -> sampler) and neither
+            # accelerate's set_epoch nor the Trainer's reaches it; the resumed epoch would be read in epoch
+            # 0's order (each rank its shard of it) and end with a different adapter.
+            epoch = kwargs["epoch"] if "epoch" in kwargs else args[1]
+            if getattr(self, "epoch_sampler", None) is not None:
+                self.epoch_sampler.set_epoch(epoch)
+            return super()._run_epoch(*args, **kwargs)
 
         def _save_checkpoint(self, model, trial):
             # Rotation waits until the new checkpoint is marked complete: HF rotates inside its save, so a
@@ -269,14 +281,31 @@ def _callbacks(metrics_path: Path, processor, questions: list[dict], cfg: TrainC
                                         "eval_relaxed_accuracy": acc})
 
     class StopOnSignal(TrainerCallback):
-        """SIGTERM -> save a checkpoint at the end of the current step, then stop."""
+        """SIGTERM -> save a checkpoint at the end of the current step, then stop. Under torchrun every rank
+        gets the signal, but not at the same step: a rank that stopped alone would wait in the checkpoint's
+        barrier while the others wait in the next step's gradient all-reduce. So the ranks agree each step
+        (one all-reduce of a flag) and all stop at the same one."""
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.is_set():
+            if stopping(stop, args):
                 control.should_save = True
                 control.should_training_stop = True
 
     return [MetricsFile(), RelaxedAccuracy(), StopOnSignal()]
+
+
+def stopping(stop: threading.Event, args) -> bool:
+    """Whether any rank was asked to stop (this process alone when not distributed). Sets `stop` on every
+    rank when one was, so that after training all ranks take the "interrupted" path together."""
+    import torch
+
+    if args.world_size <= 1 or not torch.distributed.is_initialized():
+        return stop.is_set()
+    flag = torch.tensor([int(stop.is_set())], device=args.device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item():
+        stop.set()
+    return stop.is_set()
 
 
 def relaxed_accuracy(model, processor, questions: list[dict], cfg: TrainConfig, batch_size: int = 8) -> float:
@@ -352,9 +381,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
         resume = choose_resume(cfg, ckpt_dir, say=print if main_process else (lambda *_: None))
     except ResumeError as e:
         raise TrainError(str(e)) from None
-    if main_process:
+    if main_process:        # one writer per file: every rank runs this function under torchrun
         trim_metrics(paths["metrics"], checkpoint_global_step(resume) if resume else 0)
-    cfg.to_yaml(out / "train_config.yaml")
+        cfg.to_yaml(out / "train_config.yaml")
 
     # 2. model (+4-bit, +LoRA; vision tower frozen, projector trained in full)
     torch.manual_seed(cfg.seed)
@@ -407,7 +436,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     if stop.is_set():
         newest = complete_checkpoints(ckpt_dir)
         return _finish(out, {"status": "interrupted", "step": trainer.state.global_step,
-                             "checkpoint": str(newest[-1]) if newest else None})
+                             "checkpoint": str(newest[-1]) if newest else None}, main_process)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if val_set is not None and (not evals or evals[-1].get("step") != trainer.state.global_step):
         trainer.evaluate()      # the final numbers for the model card, unless the last step just had them
@@ -416,9 +445,17 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     # 5. save: adapter (+ projector) + config + model card, on the main process only
     final = {"step": trainer.state.global_step, "train_loss": _last(trainer, "loss"),
              **{k: v for k, v in metrics.items() if v is not None}}
+    zero3 = cfg.deepspeed.startswith("zero3")
+    if zero3:
+        # ZeRO-3 leaves each rank 1/world of every parameter: save_pretrained on rank 0 alone writes empty
+        # tensors. The Trainer gathers the trained ones to rank 0 when every rank calls save_model.
+        trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
-        save_adapter(trainer.model, processor, cfg, adapter_dir, final)
-    return _finish(out, {"status": "completed", "adapter": str(adapter_dir), "metrics": final})
+        save_adapter(trainer.model, processor, cfg, adapter_dir, final, weights=not zero3)
+    return _finish(out, {"status": "completed", "adapter": str(adapter_dir), "metrics": final,
+                         "world_size": args.world_size,
+                         "effective_batch_size": args.world_size * args.per_device_train_batch_size
+                         * args.gradient_accumulation_steps}, main_process)
 
 
 def _last(trainer, key):
@@ -426,8 +463,9 @@ def _last(trainer, key):
     return values[-1] if values else None
 
 
-def _finish(out: Path, result: dict) -> dict:
-    atomic_write_json(out / "result.json", {**result, "time": time.time()})
+def _finish(out: Path, result: dict, main_process: bool = True) -> dict:
+    if main_process:        # rank 0 speaks for the run; the others' result would only race it
+        atomic_write_json(out / "result.json", {**result, "time": time.time()})
     return result
 
 
@@ -442,9 +480,12 @@ def _restore_sigterm(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def save_adapter(model, processor, cfg: TrainConfig, adapter_dir: Path, metrics: dict) -> None:
+def save_adapter(model, processor, cfg: TrainConfig, adapter_dir: Path, metrics: dict, weights: bool = True) -> None:
+    """The weights (unless the Trainer just saved them), config, processor for a full model, model card."""
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(adapter_dir)
+    if weights:
+        model.save_pretrained(adapter_dir)
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)   # Trainer.save_model's pickle: not a model file
     if cfg.mode == "full":
         processor.save_pretrained(adapter_dir)
     cfg.to_yaml(adapter_dir / "train_config.yaml")
@@ -499,9 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        _finish(Path(cfg.output_dir), {"status": "failed", "error": str(e)}) if Path(cfg.output_dir).is_dir() else None
+        if Path(cfg.output_dir).is_dir():
+            _finish(Path(cfg.output_dir), {"status": "failed", "error": str(e)}, int(os.environ.get("RANK", "0")) == 0)
         return 2
-    print(json.dumps(result), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result), flush=True)
     return INTERRUPTED_EXIT if result["status"] == "interrupted" else 0
 
 

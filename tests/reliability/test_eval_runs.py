@@ -19,6 +19,7 @@ import charts
 from charts.io import read_jsonl
 from eval.__main__ import main as eval_main
 from eval.run import MAX_QUESTION_CHARS, DatasetError, RunMismatch, load_questions, run_eval
+from test_eval_run import opener, samples
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -56,14 +57,6 @@ class Fake:
 
     def stream(self, request):
         yield from self.generate([request])
-
-
-def opener(backend):
-    return lambda ref, **options: backend
-
-
-def samples(run_dir):
-    return list(read_jsonl(Path(run_dir) / "samples.jsonl", strict=True))
 
 
 def never_open(ref, **options):

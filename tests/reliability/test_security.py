@@ -4,11 +4,8 @@ path shows in a message, no secret reaches a training job."""
 import io
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,7 +55,7 @@ def _png(size, mode="RGB") -> bytes:
 def studio(demo_model, tmp_path_factory):
     """`python app.py` on the demo model with a workspace holding an honest dataset and two whose records
     point at files outside their folder; a dataset and a YAML file outside the workspace. Yields a dict."""
-    from conftest import free_port
+    from conftest import start_studio, stop_studio
 
     top = tmp_path_factory.mktemp("security")
     ws, outside = top / "workspace", top / "outside"
@@ -73,30 +70,11 @@ def studio(demo_model, tmp_path_factory):
     (outside / "images" / "c.png").write_bytes(_png((64, 48)))
     (outside / "test.jsonl").write_text(_records("images/c.png"))
     (outside / "evil.yaml").write_text("model: from-outside-the-workspace\n")
-    port = free_port()
-    log = open(top / "studio.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--workspace", str(ws),
-                             "--base", str(demo_model)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("studio did not start:\n" + (top / "studio.log").read_text()[-4000:])
-            time.sleep(0.5)
+    proc, url = start_studio(ws, "--base", str(demo_model), log_path=top / "studio.log", timeout=180)
     from gradio_client import Client
     yield {"client": Client(url, verbose=False), "ws": ws, "outside": outside, "pid": proc.pid, "top": top,
            "base": f"local:{demo_model}"}
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_studio(proc)
 
 
 def _call(client, *args, api_name):
