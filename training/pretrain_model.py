@@ -89,8 +89,10 @@ def save_checkpoint(model, state: dict, ckpt: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     seen, shards, cur, size = set(), [], {}, 0
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:
+        # the tied lm_head is the embedding: stored once, re-tied on load (by name too, not only by storage)
+        if t.data_ptr() in seen or (tied and name == "lm_head.weight"):
             continue
         seen.add(t.data_ptr())
         t = t.detach().to("cpu", dtype=torch.float16 if t.is_floating_point() else t.dtype)
