@@ -75,6 +75,9 @@ def build_model(config: dict, tokenizer, seed: int, weights: dict | None = None)
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
             raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
+    embed = model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and model.lm_head.weight is not embed.weight:
+        model.lm_head.weight = embed.weight      # tied for certain: the checkpoint stores the matrix once
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, None
     return model
