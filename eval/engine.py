@@ -32,7 +32,7 @@ class Row:
     min_new: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
-    emit: Callable[[int], None] | None = None
+    emit: Callable[[int | None], None] | None = None     # each new token, then None when the row ends
     cancel: threading.Event | None = None
 
 
@@ -239,17 +239,15 @@ class Generator:
             for i, r in enumerate(rows):
                 if not live[i]:
                     continue
-                if r.cancel is not None and r.cancel.is_set():
-                    live[i] = False
-                    continue
                 t = chosen[i]
-                if t in self.eos_ids:
-                    live[i] = False
-                    continue
-                out[i].append(t)
-                if r.emit is not None:
-                    r.emit(t)
-                live[i] = len(out[i]) < r.max_new
+                stop = (r.cancel is not None and r.cancel.is_set()) or t in self.eos_ids
+                if not stop:
+                    out[i].append(t)
+                    if r.emit is not None:
+                        r.emit(t)
+                live[i] = not stop and len(out[i]) < r.max_new
+                if not live[i] and r.emit is not None:
+                    r.emit(None)          # this row is finished: its stream ends now, not with the batch
             if not any(live):
                 break
             cache.position.fill_(prompt + step)

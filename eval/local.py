@@ -331,7 +331,7 @@ class Engine:
                 with torch.inference_mode(), self.adapters.projector_of(slot):
                     ids = self.model.generate(**inputs, **settings)[0, inputs["input_ids"].shape[1]:].tolist()
                 ids = [t for t in ids if t not in self.eos_ids]
-                for t in ids:
+                for t in ids + [None]:
                     if emit:
                         emit(t)
                 out.append(ids)
@@ -403,7 +403,10 @@ class Engine:
             return self.generator.first_logits(self.prepare([(r, s, {}) for r, s in zip(requests, slots)]))
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        """Text of generated ids. Byte sequences that are not UTF-8 (a model emitting stray bytes) are
+        dropped rather than shown as U+FFFD boxes; a character split across tokens appears once complete."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return text.replace("\ufffd", "")
 
     def stream(self, request: Request, slot: int, extra: dict | None = None) -> "TokenStream":
         return TokenStream(self, request, slot, extra or {})
@@ -455,6 +458,8 @@ class TokenStream:
                     if self._job.done.is_set() and self._queue.empty():
                         break
                     continue
+                if token is None:             # the row is done, though the batch may go on
+                    break
                 self.tokens += 1
                 piece = text.add(token)
                 if piece:
