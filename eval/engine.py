@@ -297,3 +297,25 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Ten
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return torch.multinomial(probs, 1)[0]
+
+
+class Detokenizer:
+    """Token ids in, new text out, cut only where the text is final: a character whose bytes are split
+    across tokens (shown as U+FFFD until complete) is held back, as is text a later token would rewrite."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.sent = decode, [], ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def flush(self) -> str:
+        text = self.decode(self.ids)
+        piece = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent += piece
+        return piece

@@ -412,28 +412,6 @@ class Engine:
         return TokenStream(self, request, slot, extra or {})
 
 
-class Detokenizer:
-    """Token ids in, new text out, cut only where the text is final: a character whose bytes are split
-    across tokens (shown as U+FFFD until complete) is held back, as is text a later token would rewrite."""
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode, self.ids, self.sent = decode, [], ""
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-    def flush(self) -> str:
-        text = self.decode(self.ids)
-        piece = text[len(self.sent):] if text.startswith(self.sent) else ""
-        self.sent += piece
-        return piece
-
-
 class TokenStream:
     """Text of one generation as it is produced, cut only on character boundaries (a multi-byte
     character split across tokens is held back until complete). `tokens` counts the tokens so far.
@@ -449,6 +427,7 @@ class TokenStream:
         self._pieces = self._read()
 
     def _read(self) -> Iterator[str]:
+        from eval.engine import Detokenizer
         text = Detokenizer(self.engine.decode)
         try:
             while True:

@@ -88,6 +88,21 @@ def _run(argv: list[str], log: Path, timeout: float = 150) -> int:
             _kill_all(proc)
 
 
+def _start_until_checkpoint(argv: list[str], out: Path, log: Path, step: int) -> subprocess.Popen:
+    """Both ranks started, and running still once checkpoint-STEP is complete."""
+    from training.checkpoints import COMPLETE_MARKER
+    proc = _start(argv, log)
+    marker = out / "checkpoints" / f"checkpoint-{step}" / COMPLETE_MARKER
+    deadline = time.time() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            _kill_all(proc)
+            raise AssertionError(f"no checkpoint-{step} before the run ended (rc {proc.returncode}):\n"
+                                 + log.read_text()[-4000:])
+        time.sleep(0.01)
+    return proc
+
+
 def _adapter(out: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(out / "adapter" / "adapter_model.safetensors")
@@ -166,19 +181,9 @@ def test_two_processes_complete_and_rank_zero_alone_writes_metrics_result_and_ad
 
 def test_both_ranks_killed_after_a_checkpoint_then_relaunched_end_with_the_uninterrupted_adapter(
         demo_model, data, reference, tmp_path):
-    from training.checkpoints import COMPLETE_MARKER
-
     out, log = tmp_path / "run", tmp_path / "log.txt"
     argv = _argv(demo_model, data, out)
-    proc = _start(argv, log)
-    marker = out / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER
-    deadline = time.time() + 120
-    while not marker.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            _kill_all(proc)
-            raise AssertionError(f"no checkpoint-4 before the run ended (rc {proc.returncode}):\n"
-                                 + log.read_text()[-4000:])
-        time.sleep(0.01)
+    proc = _start_until_checkpoint(argv, out, log, 4)
     _kill_all(proc)                             # launcher and both workers, no chance to save
     assert not (out / "adapter").exists(), "the run finished before it could be killed"
     assert _run(argv, log) == 0, log.read_text()[-4000:]
@@ -245,18 +250,11 @@ def test_sigterm_reaching_one_rank_stops_all_ranks_at_the_same_checkpoint_and_th
         demo_model, data, reference, tmp_path):
     """A signal seen by one rank only (one process sent it, or it came late) must not leave that rank in the
     checkpoint barrier while the other waits in the next step's all-reduce: the ranks agree each step."""
-    from training.checkpoints import COMPLETE_MARKER, complete_checkpoints
+    from training.checkpoints import complete_checkpoints
 
     out, log = tmp_path / "run", tmp_path / "log.txt"
     argv = _argv(demo_model, data, out)
-    proc = _start(argv, log)
-    marker = out / "checkpoints" / "checkpoint-4" / COMPLETE_MARKER
-    deadline = time.time() + 120
-    while not marker.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            _kill_all(proc)
-            raise AssertionError("no checkpoint-4 before the run ended:\n" + log.read_text()[-4000:])
-        time.sleep(0.01)
+    proc = _start_until_checkpoint(argv, out, log, 4)
     os.kill(_worker(proc, 1), signal.SIGTERM)
     try:
         proc.wait(timeout=60)                   # torchrun reports its workers' exit 143 as a failure

@@ -7,7 +7,8 @@ import time
 import pytest
 from PIL import Image
 
-from eval.local import AdapterError, Detokenizer, list_adapters, skip_modules
+from eval.engine import Detokenizer
+from eval.local import AdapterError, list_adapters, skip_modules
 from eval.pool import ModelPool
 from eval.protocol import Request
 

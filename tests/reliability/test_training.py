@@ -79,6 +79,15 @@ def _checkpoint_done(out: Path, step: int):
     return lambda: (out / "checkpoints" / f"checkpoint-{step}" / COMPLETE_MARKER).exists()
 
 
+def _killed_after_checkpoint(argv: list[str], out: Path, log: Path, step: int) -> subprocess.Popen:
+    """A run SIGKILLed once checkpoint-STEP is complete (no chance to save anything more)."""
+    proc = _start(argv, log)
+    _wait_for(_checkpoint_done(out, step), proc, log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return proc
+
+
 def _adapter(out: Path) -> dict:
     from safetensors.torch import load_file
     return load_file(out / "adapter" / "adapter_model.safetensors")
@@ -224,10 +233,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_ends_with_the_uninterrupted_adapt
                                                                                    tmp_path):
     out, log = tmp_path / "run", tmp_path / "log.txt"
     argv = _argv(demo_model, data, out)
-    proc = _start(argv, log)
-    _wait_for(_checkpoint_done(out, 8), proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc = _killed_after_checkpoint(argv, out, log, 8)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter").exists()
     assert _run(argv, log) == 0, log.read_text()[-3000:]
@@ -260,10 +266,7 @@ def test_a_half_written_newest_checkpoint_is_set_aside_and_the_newest_complete_o
     from training.checkpoints import COMPLETE_MARKER
     out, log = tmp_path / "run", tmp_path / "log.txt"
     argv = _argv(demo_model, data, out)
-    proc = _start(argv, log)
-    _wait_for(_checkpoint_done(out, 8), proc, log)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    _killed_after_checkpoint(argv, out, log, 8)
     ckpts = out / "checkpoints"
     # What a kill in the middle of saving leaves: the weights cut short, no optimizer, no marker.
     torn = ckpts / "checkpoint-12"
