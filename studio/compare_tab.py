@@ -217,7 +217,7 @@ def build(studio: Studio) -> dict:
             return f"**{e}**", note_text
         shown = " · ".join(f"{label_} was **{short_name(s.ref)}**" for label_, s in zip("AB", res.sides))
         reveal = f" · revealed: {shown}" if row["blind"] else ""
-        return f"vote recorded: **{label}**{reveal} → {studio.path('votes.jsonl')}", ""
+        return f"vote recorded: **{label}**{reveal} → workspace/votes.jsonl", ""    # the full path pushes it off-screen
 
     def export(res):
         if res is None:

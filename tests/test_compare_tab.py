@@ -48,6 +48,7 @@ def test_compare_streams_both_sides_and_votes_and_exports(app):
     assert "tok/s" in stats_a and "tok/s" in stats_b
     status, _ = client.predict("A better", "looks right", api_name="/vote")
     assert "vote recorded" in status and (studio.workspace / "votes.jsonl").exists()
+    assert "workspace/votes.jsonl" in status and str(studio.workspace) not in status      # relative, short
     exported = client.predict(api_name="/export")
     assert exported
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## The loop, from a terminal"
