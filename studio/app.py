@@ -14,6 +14,7 @@ from studio.context import Studio
 CSS = """
 .answer textarea { font-size: 1.05rem; }
 footer { display: none !important; }
+#example-charts img { object-fit: contain; }   /* gradio crops example thumbnails to a square: show the whole chart */
 """
 
 
