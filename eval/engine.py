@@ -128,6 +128,9 @@ class Generator:
         self.graph_error: str | None = None
         self.compile_error: str | None = None
         self.compiled_keys: set[tuple] = set()     # (bucket, adapter mix) the compiled step has run at
+        # Compiling a new (bucket, mix) takes tens of seconds on a 7B model: Engine.warm_up allows it and
+        # turns it off after, so a later, unwarmed mix (3-4 sides) runs the plain step instead of stalling.
+        self.compile_new_shapes = True
         self._compiled: Callable | None = None
         self._lm_kwargs = {"use_cache": True}
         if "cache_position" in inspect.signature(self.lm.forward).parameters:
@@ -153,6 +156,9 @@ class Generator:
         """Whether bucketed decode steps go through torch.compile (on, and it has not failed)."""
         return self.use_compile and self.compile_error is None
 
+    def _use_compiled(self, key: tuple) -> bool:
+        return self.compiling and (key in self.compiled_keys or self.compile_new_shapes)
+
     def _compiled_step(self) -> Callable:
         if self._compiled is None:
             import torch._dynamo
@@ -167,10 +173,11 @@ class Generator:
 
     def _eager_step(self, cache: KVCache, tokens, positions, mask):
         """A bucketed step without CUDA graphs (CPU, or capture failed): compiled when compiling."""
-        if self.compiling:
+        key = (tokens.shape[0], self.rows_table.key)
+        if self._use_compiled(key):
             try:
                 logits = self._compiled_step()(cache, tokens, positions, mask)
-                self.compiled_keys.add((tokens.shape[0], self.rows_table.key))
+                self.compiled_keys.add(key)
                 return logits
             except Exception as e:  # noqa: BLE001 - the step reruns uncompiled (it rewrites the same cache slot)
                 self._compile_failed(e)
@@ -326,7 +333,7 @@ class Generator:
         (eager), each failure recorded once."""
         key = (b, self.rows_table.key)
         if key not in self.graphs and self.graph_error is None:
-            if self.compiling:
+            if self._use_compiled(key):
                 try:
                     self.graphs[key] = _Graph(self, cache, b, self._compiled_step())
                     self.compiled_keys.add(key)

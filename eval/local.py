@@ -215,9 +215,8 @@ class Engine:
         return int((ids == self.model.config.image_token_id).sum())
 
     def warm_up(self, say=lambda _msg: None) -> None:
-        """Run each bucketed batch shape once, base alone, each adapter alone and both together (what
-        Compare sends), so compiling and graph capture happen here, never on a user's first click.
-        If the batched path fails on this model or transformers version, fall back to model.generate."""
+        """Run each bucketed shape once (base, the last adapter, both: what Compare sends), so compiling and
+        capture happen here, never on a user's first click; if batching fails here, use model.generate."""
         from PIL import Image
 
         from eval.lora import Rows
@@ -225,8 +224,9 @@ class Engine:
         g = self.generator
         last = max(self.slots.values()) if self.slots else 0
         mixes = [[0], [0, 0]] + ([[last], [last, last], [0, last]] if last else [])
-        if g is None or not (g.use_graphs or g.use_compile):
-            mixes = [m for m in mixes if len(m) == 1]
+        mixes = mixes if g is not None and (g.use_graphs or g.use_compile) else [m for m in mixes if len(m) == 1]
+        if g is not None:                          # here, and only here, new shapes may compile
+            g.compile_new_shapes = True
         for k, slots in enumerate(mixes):
             compiling = self.generator is not None and self.generator.compiling and \
                 (len(slots), Rows.mix(slots)) not in self.generator.compiled_keys
@@ -241,8 +241,10 @@ class Engine:
                 self.fallback_reason, self.generator = f"{type(e).__name__}: {e}"[:300], None
                 say(f"batched decoding failed ({self.fallback_reason}); using model.generate")
             self.compile_seconds += (time.perf_counter() - t) if compiling else 0.0
-        if g is not None and g.use_compile and g.compile_error:
-            say(f"compiling the decode step failed ({g.compile_error}); decoding uncompiled")
+        if g is not None:
+            g.compile_new_shapes = False
+            if g.use_compile and g.compile_error:
+                say(f"compiling the decode step failed ({g.compile_error}); decoding uncompiled")
 
     def describe(self) -> str:
         precision = "4-bit nf4" if self.quantize == "4bit" else ("bf16" if self.device.startswith("cuda") else "fp32")

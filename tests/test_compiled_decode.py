@@ -34,14 +34,18 @@ def test_compiled_decode_gives_the_same_tokens_as_uncompiled_and_traces_once(dem
     engine, generator = backend.engine, backend.engine.generator
     assert not generator.use_compile and "compiled" not in engine.describe()
     plain = [backend.generate([q])[0] for q in questions]
-    generator.use_compile = True                     # one bucket (batch 1, base) compiles: seconds, not minutes
+    assert not generator.compile_new_shapes, "past warm-up, a request never waits for a compile"
+    generator.use_compile = generator.compile_new_shapes = True   # one bucket (batch 1, base): seconds, not minutes
     compiled = [backend.generate([q])[0] for q in questions[:1]]
     graphs = counters["stats"]["unique_graphs"]
+    generator.compile_new_shapes = False            # as after warm-up: known shapes stay compiled
     compiled += [backend.generate([q])[0] for q in questions[1:]]
     assert compiled == plain and generator.compile_error is None
     assert generator.compiled_keys == {(1, ((), True))}
     assert counters["stats"]["unique_graphs"] == graphs, "a later request must not trace the step again"
     assert "decode: compiled eager" in engine.describe()
+    assert engine.generate(questions[:2], [0, 0]) == plain, "an unwarmed bucket runs the plain step"
+    assert generator.compiled_keys == {(1, ((), True))} and counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_failing_compile_falls_back_with_its_reason_and_still_answers(demo_model, questions, monkeypatch):
