@@ -223,15 +223,15 @@ class Engine:
         image = Image.new("RGB", (32, 32), "white")
         g = self.generator
         last = max(self.slots.values()) if self.slots else 0
-        mixes = [[0], [0, 0]] + ([[last], [last, last], [0, last]] if last else [])
+        mixes = [[0], [0, 0]] + ([[last], [0, last]] if last else [])     # others capture uncompiled
         mixes = mixes if g is not None and (g.use_graphs or g.use_compile) else [m for m in mixes if len(m) == 1]
         if g is not None:                          # here, and only here, new shapes may compile
             g.compile_new_shapes = True
         for k, slots in enumerate(mixes):
             compiling = self.generator is not None and self.generator.compiling and \
                 (len(slots), Rows.mix(slots)) not in self.generator.compiled_keys
-            say(f"{'compiling the decode step' if compiling else 'warming up'}: batch {len(slots)}"
-                + (" with adapters" if any(slots) else ""))
+            who = "base + adapter" if len(set(slots)) > 1 else ("adapter" if slots[0] else "base")
+            say(f"{'compiling the decode step' if compiling else 'warming up'}: batch {len(slots)}, {who}")
             t = time.perf_counter()
             try:
                 self.generate([Request(image, "warm up", max_new_tokens=3)] * len(slots), slots, {"min_new_tokens": 3})
