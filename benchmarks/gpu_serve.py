@@ -265,9 +265,10 @@ def a_studio(base_b, tuned_b, pair, reps, tag=""):
     both()
     walls = [both() for _ in range(reps)]
     alone = {k: NEW_A / R["A"][f"studio_{k}{tag}"]["stream_tok_s"] for k in ("base", "adapter")}
-    R["A"][f"studio_both_sides{tag}"] = r = {"wall_s": round(statistics.median(walls), 4),
-                                             "ratio_vs_base_alone": round(statistics.median(walls) / alone["base"], 3),
-                                             "ratio_vs_adapter_alone": round(statistics.median(walls) / alone["adapter"], 3)}
+    wall = statistics.median(walls)
+    R["A"][f"studio_both_sides{tag}"] = r = {"wall_s": round(wall, 4),
+                                             "ratio_vs_base_alone": round(wall / alone["base"], 3),
+                                             "ratio_vs_adapter_alone": round(wall / alone["adapter"], 3)}
     log(f"both sides{tag}", r)
 
 
@@ -439,7 +440,8 @@ def main():
     free()
 
     pool = ModelPool()
-    loaded = phase("studio_load_nocompile", studio_load, pool, "_nocompile", UNCOMPILED, cost=20, deadline=args.deadline)
+    loaded = phase("studio_load_nocompile", studio_load, pool, "_nocompile", UNCOMPILED, cost=20,
+                   deadline=args.deadline)
     if loaded:
         phase("A_studio_nocompile", a_studio, *loaded, pair, reps, "_nocompile", cost=30, deadline=args.deadline)
     pool.unload()

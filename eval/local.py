@@ -8,10 +8,10 @@
 
 An Engine owns one loaded model and a worker thread that runs every generation. Requests that arrive
 together (Compare's two sides, or a benchmark's base and adapter rows) are decoded in ONE batch, each row
-with its own adapter (eval.lora), so both sides stream at once. On CUDA the decode step is compiled
-(torch.compile) and captured as a CUDA graph, both done while the model loads and adapters attach. A stream that is closed (Stop, a closed tab) cancels its row, which
-leaves the batch at the next step. Adapters are attached once and never change meaning: a failed attach
-leaves the others as they were. Models other than LLaVA-1.5-style run through `model.generate` instead.
+with its own adapter (eval.lora), so both sides stream at once. On CUDA the decode step is compiled (torch.compile)
+and captured as a CUDA graph while the model loads and adapters attach. A closed stream (Stop, a closed tab)
+cancels its row, which leaves the batch at the next step. Adapters are attached once and never change meaning:
+a failed attach leaves the others as they were. Models other than LLaVA-1.5-style run through `model.generate` instead.
 """
 from __future__ import annotations
 

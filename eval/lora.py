@@ -9,8 +9,9 @@ CUDA graph. For each adapter s present in the batch (the base needs nothing):
     y = base(x) + (x @ A_s.T) @ B_s                 # every row uses s; B_s already holds s's scale
     y = base(x) + ((x @ A_s.T) @ B_s) * rows_of_s   # a mixed batch: other rows add exact zeros
 
-so a row gets the same numbers alone as in a mixed batch, and adapters absent from the batch cost nothing. A projector trained in full (`modules_to_save`) is kept as a separate
-copy per adapter and applied to that adapter's rows. Only LoRA on the language model is served this way;
+so a row gets the same numbers alone as in a mixed batch, and adapters absent from the batch cost nothing.
+A projector trained in full (`modules_to_save`) is kept as a separate copy per adapter and applied to that
+adapter's rows. Only LoRA on the language model is served this way;
 other PEFT types, DoRA and LoRA on the vision tower are refused with a message.
 """
 from __future__ import annotations
