@@ -72,9 +72,9 @@ class Rows:
         """(adapters present, all rows alike) of a batch of these slots: the `key` it decodes with."""
         return tuple(sorted({s for s in slots if s})), len(set(slots)) <= 1
 
-    def of(self, slot: int, n: int) -> torch.Tensor:
-        """(n, 1, 1): 1 for rows that use `slot`, 0 for the others."""
-        return self.onehot[:n, slot].view(n, 1, 1)
+    def of(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """1 for rows of `x` (its first dimension) that use `slot`, 0 for the others, shaped to broadcast."""
+        return self.onehot[: x.shape[0], slot].view(-1, *[1] * (x.dim() - 1))
 
 
 class LoraLinear(nn.Module):
@@ -102,7 +102,7 @@ class LoraLinear(nn.Module):
                 continue
             a, b = part
             delta = ((x.to(a.dtype) @ a.t()) @ b).to(y.dtype)
-            y = y + (delta if rows.uniform else delta * rows.of(slot, x.shape[0]).to(y.dtype))
+            y = y + (delta if rows.uniform else delta * rows.of(slot, x).to(y.dtype))
         return y
 
 
