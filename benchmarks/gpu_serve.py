@@ -5,7 +5,8 @@
 
 A. batch-1 decode, 64 new tokens forced (min_new_tokens = max_new_tokens), ~625-token image+question prompt:
    plain HF bf16 (dynamic cache), bf16 static cache + compile, 4-bit nf4, 4-bit + unmerged PEFT LoRA r128;
-   the studio's engine (eval.pool -> eval.local): base, base + adapter, streamed, both sides at once.
+   the studio's engine (eval.pool -> eval.local): base, base + adapter, streamed, both sides at once, with the
+   decode step compiled (the default on CUDA) and again uncompiled (`*_nocompile`), plus the compile warm-up.
 B. 256 questions of generated charts, 16 new tokens forced: plain HF bf16 batched generate at 16/64/128
    beside eval.run.run_eval with its defaults (base; base + adapter in one run).
 C. correctness: the engine's first-token scores beside plain HF's, base and adapter (PEFT).
@@ -35,6 +36,7 @@ R: dict = {"errors": {}}
 OUT = Path(os.environ.get("OUT") or "gpu_out")
 LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 NEW_A, NEW_B = 64, 16
+COMPILED, UNCOMPILED = {"compile": True}, {"compile": False}     # engine options (the pool keys on them)
 
 
 def log(*a):
@@ -222,10 +224,10 @@ def b_plain(name, model, processor, questions, batch):
 
 
 # ------------------------------------------------------------------ the studio's engine
-def a_studio(base_b, tuned_b, pair, reps):
+def a_studio(base_b, tuned_b, pair, reps, tag=""):
     from eval.protocol import Request
     full, one = Request(pair[0], pair[1], max_new_tokens=NEW_A), Request(pair[0], pair[1], max_new_tokens=1)
-    for name, b in (("studio_base", base_b), ("studio_adapter", tuned_b)):
+    for name, b in ((f"studio_base{tag}", base_b), (f"studio_adapter{tag}", tuned_b)):
         b.generate_kwargs = {"min_new_tokens": NEW_A}
         b.generate([full])
         t64 = timed(lambda: b.generate([full]), reps)
@@ -262,18 +264,19 @@ def a_studio(base_b, tuned_b, pair, reps):
         return max(done) - t
     both()
     walls = [both() for _ in range(reps)]
-    alone = {k: NEW_A / R["A"][k]["stream_tok_s"] for k in ("studio_base", "studio_adapter")}
-    R["A"]["studio_both_sides"] = {"wall_s": round(statistics.median(walls), 4),
-                                   "ratio_vs_base_alone": round(statistics.median(walls) / alone["studio_base"], 3),
-                                   "ratio_vs_adapter_alone": round(statistics.median(walls) / alone["studio_adapter"], 3)}
-    log("both sides", R["A"]["studio_both_sides"])
+    alone = {k: NEW_A / R["A"][f"studio_{k}{tag}"]["stream_tok_s"] for k in ("base", "adapter")}
+    wall = statistics.median(walls)
+    R["A"][f"studio_both_sides{tag}"] = r = {"wall_s": round(wall, 4),
+                                             "ratio_vs_base_alone": round(wall / alone["base"], 3),
+                                             "ratio_vs_adapter_alone": round(wall / alone["adapter"], 3)}
+    log(f"both sides{tag}", r)
 
 
 def b_studio(pool, base, adapter, data, n, work):
     import shutil
 
     from eval.run import run_eval
-    opts = {"generate_kwargs": {"min_new_tokens": NEW_B}}
+    opts = {"generate_kwargs": {"min_new_tokens": NEW_B}, **COMPILED}     # the engine phase A measured
     refs = {"base": f"local:{base}", "pair": [f"local:{base}", f"local:{base}+{adapter}"]}
     run_eval(data, [refs["base"]], work / "warm", limit=32, backend_options=opts, pool=pool)    # warm this path once
     for tag, models in (("base", [refs["base"]]), ("pair", refs["pair"])):
@@ -294,8 +297,8 @@ def c_correctness(pool, base, adapter, pair, plain_ref):
 
     from eval.protocol import Request
     request = Request(pair[0], pair[1], max_new_tokens=1)
-    engine = pool.backend(f"local:{base}").engine
-    slot = pool.backend(f"local:{base}+{adapter}").slot
+    engine = pool.backend(f"local:{base}", **COMPILED).engine
+    slot = pool.backend(f"local:{base}+{adapter}", **COMPILED).slot
     logits = engine.first_logits([request, request], [0, slot])
     c = {}
     for k, name in ((0, "base"), (1, "adapter")):
@@ -399,24 +402,30 @@ def main():
         free()
     phase("plain_bf16", plain_bf16)
 
-    # ---- the studio
+    # ---- the studio: compiled decode (the CUDA default), then uncompiled in a fresh pool
     from eval.pool import ModelPool
-    pool = ModelPool()
     free()
 
-    def studio_load():
+    def studio_load(pool, tag, options):
+        say = lambda msg: log("  ", msg)          # noqa: E731
         t = time.perf_counter()
-        b = pool.backend(f"local:{base}", on_progress=lambda msg: log("  ", msg))
+        b = pool.backend(f"local:{base}", on_progress=say, **options)
         after_base = torch.cuda.memory_allocated() if cuda else 0
-        tb = pool.backend(f"local:{base}+{adapter}", on_progress=lambda msg: log("  ", msg))
+        t_adapter = time.perf_counter()
+        tb = pool.backend(f"local:{base}+{adapter}", on_progress=say, **options)   # attaches, warms adapter mixes
         after_adapter = torch.cuda.memory_allocated() if cuda else 0
-        R.setdefault("load", {})["studio"] = {"s": round(time.perf_counter() - t, 1), "mode": b.engine.describe(),
-                                              "load_s": round(b.engine.load_seconds, 1),
-                                              "warm_s": round(b.engine.warm_seconds, 1),
-                                              "base_gb": gb(after_base), "with_adapter_gb": gb(after_adapter)}
-        log("studio load", R["load"]["studio"])
+        e = b.engine
+        R.setdefault("load", {})[f"studio{tag}"] = r = {
+            "s": round(time.perf_counter() - t, 1), "mode": e.describe(), "load_s": round(e.load_seconds, 1),
+            "warm_s": round(e.warm_seconds, 1), "adapter_attach_warm_s": round(time.perf_counter() - t_adapter, 1),
+            "compile_s": round(e.compile_seconds, 1), "compiled_shapes": sorted(map(str, e.generator.compiled_keys)),
+            "compile_error": e.generator.compile_error, "graph_error": e.generator.graph_error,
+            "base_gb": gb(after_base), "with_adapter_gb": gb(after_adapter)}
+        log(f"studio load{tag}", r)
         return b, tb
-    loaded = phase("studio_load", studio_load)
+
+    pool = ModelPool()
+    loaded = phase("studio_load", studio_load, pool, "", COMPILED)
     if loaded:
         base_b, tuned_b = loaded
         phase("C_correctness", c_correctness, pool, base, adapter, pair, plain_ref)
@@ -425,8 +434,18 @@ def main():
         if cuda:
             R["load"]["studio"]["peak_gb"] = gb(torch.cuda.max_memory_allocated())
             R["load"]["studio"]["graph_error"] = base_b.engine.generator.graph_error
+            R["load"]["studio"]["compile_error"] = base_b.engine.generator.compile_error
     pool.unload()
-    del loaded
+    base_b = tuned_b = loaded = None
+    free()
+
+    pool = ModelPool()
+    loaded = phase("studio_load_nocompile", studio_load, pool, "_nocompile", UNCOMPILED, cost=20,
+                   deadline=args.deadline)
+    if loaded:
+        phase("A_studio_nocompile", a_studio, *loaded, pair, reps, "_nocompile", cost=30, deadline=args.deadline)
+    pool.unload()
+    loaded = None
     free()
 
     # ---- plain HF 4-bit (+ PEFT): last, skipped when time is short
@@ -461,6 +480,11 @@ def main():
         "stream_ratio_adapter": get(A, "studio_adapter", "stream_ratio"),
         "ttft_s": get(A, "studio_base", "stream_ttft_s"),
         "both_sides_ratio": get(A, "studio_both_sides", "ratio_vs_base_alone"),
+        "decode_base_nocompile_tok_s": get(A, "studio_base_nocompile", "decode_tok_s"),
+        "decode_adapter_nocompile_tok_s": get(A, "studio_adapter_nocompile", "decode_tok_s"),
+        "both_sides_ratio_nocompile": get(A, "studio_both_sides_nocompile", "ratio_vs_base_alone"),
+        "compile_warm_s": get(R.get("load", {}), "studio", "compile_s"),
+        "warm_s": get(R.get("load", {}), "studio", "warm_s"),
         "eval_base_answers_s": get(B, "studio_eval_base", "answers_s"),
         "eval_pair_ratio": round(eval_pair / eval_base, 3) if eval_base and eval_pair else None,
         "anchor_static_tok_s": get(A, "plain_bf16_static_compile", "decode_tok_s"),
@@ -472,14 +496,19 @@ def main():
     s = R["summary"]
     s["anchor_4bit_peft_tok_s"] = get(A, "plain_4bit_peft_r128", "decode_tok_s")
     rows = [("batch-1 decode, base vs plain bf16 static + compile (tok/s)", "decode_base_tok_s", "anchor_static_tok_s"),
+            ("batch-1 decode, base: compiled vs uncompiled engine (tok/s)", "decode_base_tok_s",
+             "decode_base_nocompile_tok_s"),
+            ("batch-1 decode, base + adapter: compiled vs uncompiled engine (tok/s)", "decode_adapter_tok_s",
+             "decode_adapter_nocompile_tok_s"),
             ("batch-1 decode, base + adapter vs plain 4-bit + PEFT (tok/s)", "decode_adapter_tok_s",
              "anchor_4bit_peft_tok_s"),
             ("benchmark, base (answers/s)", "eval_base_answers_s", "anchor_eval_best_answers_s")]
-    print("\n| what | studio | plain HF | ratio |\n|---|---:|---:|---:|")
+    print("\n| what | studio | anchor | ratio |\n|---|---:|---:|---:|")
     for label, mine, anchor in rows:
         ratio = f"{s[mine] / s[anchor]:.2f}x" if s.get(mine) and s.get(anchor) else "-"
         print(f"| {label} | {s.get(mine)} | {s.get(anchor)} | {ratio} |")
-    for key in ("stream_ratio", "ttft_s", "both_sides_ratio", "eval_pair_ratio"):
+    for key in ("stream_ratio", "ttft_s", "both_sides_ratio", "both_sides_ratio_nocompile", "eval_pair_ratio",
+                "compile_warm_s"):
         print(f"| {key} | {s.get(key)} | | |")
     print(f"errors: {list(R['errors'])}")
 

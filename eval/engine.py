@@ -3,12 +3,15 @@
 A batch is a list of rows (prompt ids, image, adapter slot, settings). Prefill runs once for the whole
 batch: each distinct image goes through the vision tower once, then through the projector of every adapter
 that asks about it, and the language model reads all rows left-padded into a static KV cache. The decode
-step that follows is one fixed-shape function (token, position, mask -> logits); on CUDA it is captured as
-a CUDA graph per batch bucket, so each new token costs one graph replay instead of hundreds of kernel
-launches from Python. The masks are built here (4D, additive), so transformers' mask and cache logic is
-not on the hot path, and a padded row never produces NaNs that leak into real rows.
+step that follows is one fixed-shape function (token, position, mask -> logits); on CUDA it is compiled by
+torch.compile (inductor fuses the norms, rotary, residual adds, SiLU * up and the LoRA adds into a few
+Triton kernels) and then captured as a CUDA graph per batch bucket, so each new token costs one graph
+replay of fused kernels instead of hundreds of small launches. If compiling fails the uncompiled step is
+captured; if capture fails decoding runs eager; each reason is kept (`compile_error`, `graph_error`).
+The masks are built here (4D, additive), so transformers' mask and cache logic is not on the hot path,
+and a padded row never produces NaNs that leak into real rows.
 
-    gen = Generator(model, rows_table, projectors, eos_ids, pad_id, use_graphs=True)
+    gen = Generator(model, rows_table, projectors, eos_ids, pad_id, max_len, use_graphs=True, use_compile=True)
     tokens = gen.run(batch)              # [[token ids] per row]; row.emit(token) streams them as they come
 """
 from __future__ import annotations
@@ -21,6 +24,10 @@ from typing import Callable
 import torch
 
 BUCKETS = (1, 2, 4)          # batch sizes served by captured graphs (Compare's sides); larger batches run eager
+COMPILE_MODE = "default"     # inductor without its own CUDA graphs: the step is captured here, once per bucket
+# Compiled variants: per bucket, one per adapter mix (base only, one adapter, base + adapter, ...) and per
+# engine in the process (they share the step's code object). Past the limit dynamo silently runs eager.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -68,9 +75,10 @@ class KVCache:
 
 
 class _Graph:
-    """One captured decode step with its static inputs and output."""
+    """One captured decode step with its static inputs and output. `step` is the compiled decode or the
+    plain one; its first calls (the warm-up, outside the capture) are where inductor compiles it."""
 
-    def __init__(self, gen: "Generator", cache: KVCache, b: int):
+    def __init__(self, gen: "Generator", cache: KVCache, b: int, step: Callable):
         dev = gen.device
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(b, 1, dtype=torch.long, device=dev)
@@ -80,16 +88,18 @@ class _Graph:
         # before reading it, and put the position back for the batch being served.
         position = cache.position.clone()
         cache.position.fill_(cache.length - 1)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):                    # warm-up: lazy allocations happen outside the capture
-                gen.decode(cache, self.tokens, self.positions, self.mask)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=gen.graph_pool):
-            self.logits = gen.decode(cache, self.tokens, self.positions, self.mask)
-        cache.position.copy_(position)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):                # warm-up: compiling and lazy allocations happen outside the capture
+                    step(cache, self.tokens, self.positions, self.mask)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=gen.graph_pool):
+                self.logits = step(cache, self.tokens, self.positions, self.mask)
+        finally:
+            cache.position.copy_(position)
 
     def __call__(self, tokens, positions, mask):
         self.tokens.copy_(tokens)
@@ -101,7 +111,7 @@ class _Graph:
 
 class Generator:
     def __init__(self, model, rows_table, projectors: dict, eos_ids: set[int], pad_id: int, max_len: int,
-                 use_graphs: bool = False):
+                 use_graphs: bool = False, use_compile: bool = False):
         self.model, self.rows_table, self.projectors = model, rows_table, projectors
         self.lm = model.model.language_model
         self.vision = model.model.vision_tower
@@ -111,10 +121,17 @@ class Generator:
         self.device = next(model.parameters()).device
         self.dtype = model.get_input_embeddings().weight.dtype
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.use_compile = use_compile
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.graphs: dict[tuple[int, bool], _Graph] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.caches: dict[int, KVCache] = {}
         self.graph_error: str | None = None
+        self.compile_error: str | None = None
+        self.compiled_keys: set[tuple] = set()     # (bucket, adapter mix) the compiled step has run at
+        # Compiling a new (bucket, mix) takes tens of seconds on a 7B model: Engine.warm_up allows it and
+        # turns it off after, so a later, unwarmed mix (3-4 sides) runs the plain step instead of stalling.
+        self.compile_new_shapes = True
+        self._compiled: Callable | None = None
         self._lm_kwargs = {"use_cache": True}
         if "cache_position" in inspect.signature(self.lm.forward).parameters:
             self._lm_kwargs["cache_position"] = None        # filled per call on versions that take it
@@ -129,8 +146,42 @@ class Generator:
         return self.model.lm_head(out.last_hidden_state[:, -1]).float()
 
     def decode(self, cache: KVCache, tokens, positions, mask):
-        """One new token for every row: the step that CUDA graphs capture."""
+        """One new token for every row: the step that CUDA graphs capture. Every input is a tensor of a
+        fixed shape per bucket (the write position too, in cache.position), so a compiled step is traced
+        once per bucket and adapter mix, never per token."""
         return self._lm(cache, positions, mask, input_ids=tokens)
+
+    @property
+    def compiling(self) -> bool:
+        """Whether bucketed decode steps go through torch.compile (on, and it has not failed)."""
+        return self.use_compile and self.compile_error is None
+
+    def _use_compiled(self, key: tuple) -> bool:
+        return self.compiling and (key in self.compiled_keys or self.compile_new_shapes)
+
+    def _compiled_step(self) -> Callable:
+        if self._compiled is None:
+            import torch._dynamo
+            for name in ("recompile_limit", "cache_size_limit"):      # the name changed across versions
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
+            self._compiled = torch.compile(self.decode, mode=COMPILE_MODE, fullgraph=True, dynamic=False)
+        return self._compiled
+
+    def _compile_failed(self, e: BaseException) -> None:
+        self.compile_error = f"{type(e).__name__}: {e}"[:300]
+
+    def _eager_step(self, cache: KVCache, tokens, positions, mask):
+        """A bucketed step without CUDA graphs (CPU, or capture failed): compiled when compiling."""
+        key = (tokens.shape[0], self.rows_table.key)
+        if self._use_compiled(key):
+            try:
+                logits = self._compiled_step()(cache, tokens, positions, mask)
+                self.compiled_keys.add(key)
+                return logits
+            except Exception as e:  # noqa: BLE001 - the step reruns uncompiled (it rewrites the same cache slot)
+                self._compile_failed(e)
+        return self.decode(cache, tokens, positions, mask)
 
     # ---- prefill pieces ----
     def _image_features(self, batch: Batch) -> list[torch.Tensor | None]:
@@ -187,7 +238,7 @@ class Generator:
         n, prompt = len(rows), max(len(r.ids) for r in rows)
         longest = max(r.max_new for r in rows)
         bucket = None
-        if self.use_graphs and prompt + longest <= self.max_len and n <= BUCKETS[-1]:
+        if (self.use_graphs or self.use_compile) and prompt + longest <= self.max_len and n <= BUCKETS[-1]:
             bucket = next(k for k in BUCKETS if k >= n)
         b = bucket or n
         length = self.max_len if bucket else prompt + longest
@@ -215,7 +266,8 @@ class Generator:
         step_mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)
         step_mask.masked_fill_(~(real & (keys < prompt))[:, None, None, :], minimum)
         state = {"b": b, "n": n, "prompt": prompt, "longest": longest, "cache": cache, "mask": step_mask,
-                 "positions": positions[:, -1:] + 1, "graph": self._graph(cache, b) if bucket else None}
+                 "positions": positions[:, -1:] + 1, "bucket": bucket is not None,
+                 "graph": self._graph(cache, b) if bucket and self.use_graphs else None}
         return state, logits
 
     @torch.inference_mode()
@@ -230,6 +282,7 @@ class Generator:
         state, logits = self._prefill(batch)
         b, n, prompt, cache, step_mask = state["b"], state["n"], state["prompt"], state["cache"], state["mask"]
         positions, graph = state["positions"], state["graph"]
+        step_fn = self._eager_step if state["bucket"] else self.decode
         out: list[list[int]] = [[] for _ in rows]
         live = [True] * n
         greedy = all(r.temperature <= 0 for r in rows)
@@ -256,7 +309,7 @@ class Generator:
             if graph is not None:
                 logits = graph(tokens[:, None], positions, step_mask)
             else:
-                logits = self.decode(cache, tokens[:, None], positions, step_mask)
+                logits = step_fn(cache, tokens[:, None], positions, step_mask)
             positions = positions + 1
         return out
 
@@ -276,18 +329,28 @@ class Generator:
         return picked
 
     def _graph(self, cache: KVCache, b: int):
-        key = (b, self.rows_table.active)
+        """The captured step for this bucket and adapter mix: compiled if possible, else plain, else None
+        (eager), each failure recorded once."""
+        key = (b, self.rows_table.key)
         if key not in self.graphs and self.graph_error is None:
-            try:
-                self.graphs[key] = _Graph(self, cache, b)
-            except Exception as e:  # noqa: BLE001 - fall back to eager decode, and say why once
-                self.graph_error = f"{type(e).__name__}: {e}"
-                return None
+            if self._use_compiled(key):
+                try:
+                    self.graphs[key] = _Graph(self, cache, b, self._compiled_step())
+                    self.compiled_keys.add(key)
+                except Exception as e:  # noqa: BLE001 - capture the uncompiled step instead, and say why
+                    self._compile_failed(e)
+            if key not in self.graphs:
+                try:
+                    self.graphs[key] = _Graph(self, cache, b, self.decode)
+                except Exception as e:  # noqa: BLE001 - fall back to eager decode, and say why once
+                    self.graph_error = f"{type(e).__name__}: {e}"[:300]
+                    return None
         return self.graphs.get(key)
 
     def forget_graphs(self, adapters_only: bool = True) -> None:
         """Drop captured steps that read adapter weights (they changed), or all of them."""
-        self.graphs = {k: g for k, g in self.graphs.items() if adapters_only and not k[1]}
+        self.graphs = {k: g for k, g in self.graphs.items() if adapters_only and not k[1][0]}
+        self.compiled_keys = {k for k in self.compiled_keys if adapters_only and not k[1][0]}   # they recompile
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

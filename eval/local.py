@@ -8,13 +8,14 @@
 
 An Engine owns one loaded model and a worker thread that runs every generation. Requests that arrive
 together (Compare's two sides, or a benchmark's base and adapter rows) are decoded in ONE batch, each row
-with its own adapter (eval.lora), so both sides stream at once. On CUDA the decode step is a captured CUDA
-graph, warmed up when the model loads. A stream that is closed (Stop, a closed tab) cancels its row, which
-leaves the batch at the next step. Adapters are attached once and never change meaning: a failed attach
-leaves the others as they were. Models other than LLaVA-1.5-style run through `model.generate` instead.
+with its own adapter (eval.lora), so both sides stream at once. On CUDA the decode step is compiled (torch.compile)
+and captured as a CUDA graph while the model loads and adapters attach. A closed stream (Stop, a closed tab)
+cancels its row, which leaves the batch at the next step. Adapters are attached once and never change meaning:
+a failed attach leaves the others as they were. Models other than LLaVA-1.5-style run through `model.generate` instead.
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -40,9 +41,7 @@ read_adapter_config = read_config
 
 def resolve_device(device: str = "auto") -> str:
     import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def skip_modules(config) -> list[str]:
@@ -113,8 +112,13 @@ class Engine:
     """One loaded base model (+ processor), the adapters attached to it, and the worker that runs it."""
 
     def __init__(self, base: str, quantize: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-                 graphs: bool = True, on_progress: Callable[[str], None] | None = None):
-        self.base, self.device = base, resolve_device(device)
+                 graphs: bool = True, compile: bool | str = "auto",
+                 on_progress: Callable[[str], None] | None = None):
+        self.base, self.device, self.graphs_requested = base, resolve_device(device), bool(graphs)
+        if compile not in ("auto", True, False):
+            raise ValueError(f"compile={compile!r}: expected 'auto', True or False")
+        # auto: on CUDA, where fused kernels repay tens of seconds of compiling at load; on CPU they do not
+        self.compile = self.device.startswith("cuda") if compile == "auto" else bool(compile)
         self.trust_remote_code = trust_remote_code
         self.requested = quantize
         self.adapters_lock = threading.Lock()     # attach/detach vs the worker's forward
@@ -125,6 +129,7 @@ class Engine:
         self.busy = False
         self.batches = 0                          # forward batches run (both Compare sides share one)
         self.last_used = time.monotonic()
+        self.compile_seconds = 0.0                # of warm-up time, spent on batches that compiled the step
         say = on_progress or (lambda _msg: None)
         start = time.perf_counter()
         self._load(say)
@@ -187,7 +192,8 @@ class Engine:
             image_part = self.image_tokens + 128
             self.generator = Generator(model, self.rows, self.adapters.projectors, self.eos_ids,
                                        tokenizer.pad_token_id, min(self.max_positions, image_part + 640),
-                                       use_graphs=self.device.startswith("cuda"))
+                                       use_graphs=self.graphs_requested and self.device.startswith("cuda"),
+                                       use_compile=self.compile)
 
     @staticmethod
     def _shapes(model):
@@ -209,30 +215,46 @@ class Engine:
         return int((ids == self.model.config.image_token_id).sum())
 
     def warm_up(self, say=lambda _msg: None) -> None:
-        """Run each captured batch shape once (graph capture), so no user's first click pays for it.
-        If the batched path fails on this model or transformers version, fall back to model.generate."""
+        """Run each bucketed shape once (base, the last adapter, both: what Compare sends), so compiling and
+        capture happen here, never on a user's first click; if batching fails here, use model.generate."""
         from PIL import Image
+
+        from eval.lora import Rows
         image = Image.new("RGB", (32, 32), "white")
-        if self.generator is not None:
+        g = self.generator
+        last = max(self.slots.values()) if self.slots else 0
+        mixes = [[0], [0, 0]] + ([[last], [0, last]] if last else [])     # others capture uncompiled
+        mixes = mixes if g is not None and (g.use_graphs or g.use_compile) else [m for m in mixes if len(m) == 1]
+        if g is not None:                          # here, and only here, new shapes may compile
+            g.compile_new_shapes = True
+        for k, slots in enumerate(mixes):
+            compiling = self.generator is not None and self.generator.compiling and \
+                (len(slots), Rows.mix(slots)) not in self.generator.compiled_keys
+            who = "base + adapter" if len(set(slots)) > 1 else ("adapter" if slots[0] else "base")
+            say(f"{'compiling the decode step' if compiling else 'warming up'}: batch {len(slots)}, {who}")
+            t = time.perf_counter()
             try:
-                self.generate([Request(image, "warm up", max_new_tokens=2)], [0], {"min_new_tokens": 2})
+                self.generate([Request(image, "warm up", max_new_tokens=3)] * len(slots), slots, {"min_new_tokens": 3})
             except Exception as e:  # noqa: BLE001 - recorded, shown in the header
-                self.fallback_reason = f"{type(e).__name__}: {e}"[:300]
-                self.generator = None
+                if k or self.generator is None:
+                    raise
+                self.fallback_reason, self.generator = f"{type(e).__name__}: {e}"[:300], None
                 say(f"batched decoding failed ({self.fallback_reason}); using model.generate")
-        shapes = (1, 2) if self.generator is not None and self.generator.use_graphs else (1,)
-        modes = [0] + ([max(self.slots.values())] if self.slots else [])
-        for slot in modes:
-            for n in shapes:
-                say(f"warming up: batch {n}" + (" with adapters" if slot else ""))
-                self.generate([Request(image, "warm up", max_new_tokens=3)] * n, [slot] * n, {"min_new_tokens": 3})
+            self.compile_seconds += (time.perf_counter() - t) if compiling else 0.0
+        if g is not None:
+            g.compile_new_shapes = False
+            if g.use_compile and g.compile_error:
+                say(f"compiling the decode step failed ({g.compile_error}); decoding uncompiled")
 
     def describe(self) -> str:
         precision = "4-bit nf4" if self.quantize == "4bit" else ("bf16" if self.device.startswith("cuda") else "fp32")
-        decode = "CUDA graphs" if self.generator is not None and self.generator.use_graphs and \
-            self.generator.graph_error is None else ("eager" if self.generator is not None else "model.generate")
-        if self.fallback_reason:
-            decode += f" ({self.fallback_reason})"
+        g, decode = self.generator, "model.generate"
+        if g is not None:
+            compiled = "compiled " if g.compiling and g.compiled_keys else ""
+            decode = compiled + ("CUDA graphs" if g.use_graphs and g.graph_error is None else "eager")
+            decode += f" (graph capture failed: {g.graph_error})" if g.graph_error else ""
+            decode += f" (compile failed: {g.compile_error})" if g.use_compile and g.compile_error else ""
+        decode += f" ({self.fallback_reason})" if self.fallback_reason else ""
         return f"{precision} ({self.precision_reason}), decode: {decode}"
 
     # ---- adapters ----
@@ -547,17 +569,12 @@ def generate_together(backends: dict, requests: list[Request], on_progress=None)
     return out
 
 
-_POOL = None
-
-
+@functools.lru_cache(maxsize=1)
 def cpu_pool():
     """One small thread pool for CPU work around the GPU (image decoding, resizing)."""
-    global _POOL
-    if _POOL is None:
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="images")
-    return _POOL
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="images")
 
 
 def engine_batch(engine: Engine, new_tokens: int = 16) -> int:

@@ -3,12 +3,15 @@
 PEFT's adapter switch is global to the model, so base and adapter requests take turns. Here every LoRA'd
 linear layer holds the A and B matrices of all attached adapters side by side, and a small per-row table
 says which adapter each row of the batch uses (none for the base). One forward then serves the base and
-any number of adapters at once, with static shapes, so the decode step can be captured in a CUDA graph:
+any number of adapters at once, with static shapes, so the decode step can be compiled and captured in a
+CUDA graph. For each adapter s present in the batch (the base needs nothing):
 
-    y = base(x) + ((x @ A_all.T) * row_columns) @ B_all        # B_all already holds each adapter's scale
+    y = base(x) + (x @ A_s.T) @ B_s                 # every row uses s; B_s already holds s's scale
+    y = base(x) + ((x @ A_s.T) @ B_s) * rows_of_s   # a mixed batch: other rows add exact zeros
 
-Base rows get exact zeros added. A projector trained in full (`modules_to_save`) is kept as a separate
-copy per adapter and applied to that adapter's rows. Only LoRA on the language model is served this way;
+so a row gets the same numbers alone as in a mixed batch, and adapters absent from the batch cost nothing.
+A projector trained in full (`modules_to_save`) is kept as a separate copy per adapter and applied to that
+adapter's rows. Only LoRA on the language model is served this way;
 other PEFT types, DoRA and LoRA on the vision tower are refused with a message.
 """
 from __future__ import annotations
@@ -33,13 +36,24 @@ class AdapterError(ValueError):
 
 
 class Rows:
-    """Which adapter each row of the running batch uses: a one-hot table shared by every LoRA layer.
-    Column 0 is the base (no LoRA). `active` is False when no row uses an adapter (LoRA is skipped)."""
+    """Which adapter each row of the running batch uses, shared by every LoRA layer: a one-hot table
+    (column 0 is the base) and, as plain Python values the forward branches on, the adapters present
+    and whether every row uses the same one. `key` names that mix: one compiled/captured step each."""
 
     def __init__(self, max_rows: int, device, dtype):
         self.max_rows, self.device, self.dtype = max_rows, device, dtype
         self.onehot = torch.zeros(max_rows, 1, device=device, dtype=dtype)
-        self.active = False
+        self.present: tuple[int, ...] = ()         # adapter slots (not the base) used by some row
+        self.uniform = True                        # every row (padding included) uses the same slot
+
+    @property
+    def active(self) -> bool:
+        """False when no row uses an adapter (LoRA is skipped)."""
+        return bool(self.present)
+
+    @property
+    def key(self) -> tuple:
+        return (self.present, self.uniform)
 
     def resize(self, n_adapters: int) -> None:
         self.onehot = torch.zeros(self.max_rows, n_adapters + 1, device=self.device, dtype=self.dtype)
@@ -51,7 +65,16 @@ class Rows:
         table = torch.zeros_like(self.onehot, device="cpu")
         table[torch.arange(len(slots)), torch.tensor(slots, dtype=torch.long)] = 1
         self.onehot.copy_(table)          # in place: a captured graph keeps reading the same memory
-        self.active = any(slots)
+        self.present, self.uniform = self.mix(slots)
+
+    @staticmethod
+    def mix(slots: list[int]) -> tuple:
+        """(adapters present, all rows alike) of a batch of these slots: the `key` it decodes with."""
+        return tuple(sorted({s for s in slots if s})), len(set(slots)) <= 1
+
+    def of(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """1 for rows of `x` (its first dimension) that use `slot`, 0 for the others, shaped to broadcast."""
+        return self.onehot[: x.shape[0], slot].view(-1, *[1] * (x.dim() - 1))
 
 
 class LoraLinear(nn.Module):
@@ -60,37 +83,27 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Module, rows: Rows):
         super().__init__()
         self.base, self.rows = base, rows
-        self.register_buffer("A", None, persistent=False)       # (R, in): all adapters' A stacked
-        self.register_buffer("B", None, persistent=False)       # (R, out): B.T, each adapter's scale folded in
-        self.register_buffer("column_slot", None, persistent=False)   # (R,): adapter slot of each column
-        self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.parts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # slot -> (A (r, in), B.T * scale (r, out))
 
     def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         dtype = self.rows.dtype
-        self.parts[slot] = (a.to(self.rows.device, dtype), (b.t() * scale).to(self.rows.device, dtype))
-        self._stack()
+        self.parts[slot] = (a.to(self.rows.device, dtype).contiguous(),
+                            (b.t() * scale).to(self.rows.device, dtype).contiguous())
 
     def remove(self, slot: int) -> None:
         self.parts.pop(slot, None)
-        self._stack()
-
-    def _stack(self) -> None:
-        if not self.parts:
-            self.A = self.B = self.column_slot = None
-            return
-        slots = sorted(self.parts)
-        self.A = torch.cat([self.parts[s][0] for s in slots])
-        self.B = torch.cat([self.parts[s][1] for s in slots])
-        self.column_slot = torch.cat([torch.full((self.parts[s][0].shape[0],), s, dtype=torch.long)
-                                      for s in slots]).to(self.rows.device)
 
     def forward(self, x):
         y = self.base(x)
-        if not self.rows.active or self.A is None:
-            return y
-        columns = self.rows.onehot[: x.shape[0]].index_select(1, self.column_slot)       # (b, R)
-        h = (x.to(self.A.dtype) @ self.A.t()) * columns.unsqueeze(1)
-        return y + (h @ self.B).to(y.dtype)
+        rows = self.rows
+        for slot in rows.present:
+            part = self.parts.get(slot)
+            if part is None:
+                continue
+            a, b = part
+            delta = ((x.to(a.dtype) @ a.t()) @ b).to(y.dtype)
+            y = y + (delta if rows.uniform else delta * rows.of(slot, x).to(y.dtype))
+        return y
 
 
 class RowSwitch(nn.Module):
@@ -107,12 +120,14 @@ class RowSwitch(nn.Module):
         return self.base.weight
 
     def forward(self, x):
+        rows = self.rows
+        present = [str(s) for s in rows.present if str(s) in self.own]
+        if rows.uniform and present:            # every row is this adapter's: the base's copy is not needed
+            return self.own[present[0]](x)
         out = self.base(x)
-        if not self.rows.active or not len(self.own):
-            return out
-        for slot, module in self.own.items():
-            pick = self.rows.onehot[: x.shape[0], int(slot)].to(torch.bool)
-            out = torch.where(pick.view(-1, *[1] * (out.dim() - 1)), module(x).to(out.dtype), out)
+        for slot in present:                    # adapters absent from the batch cost nothing
+            pick = rows.onehot[: x.shape[0], int(slot)].to(torch.bool)
+            out = torch.where(pick.view(-1, *[1] * (out.dim() - 1)), self.own[slot](x).to(out.dtype), out)
         return out
 
 

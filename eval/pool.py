@@ -20,7 +20,8 @@ from typing import Callable
 
 from eval.protocol import ModelRef
 
-LOCAL_OPTIONS = {"quantize": "auto", "device": "auto", "trust_remote_code": False, "graphs": True}   # and defaults
+LOCAL_OPTIONS = {"quantize": "auto", "device": "auto", "trust_remote_code": False, "graphs": True,
+                 "compile": "auto"}   # and their defaults
 
 
 class ModelPool:

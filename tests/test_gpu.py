@@ -1,4 +1,5 @@
-"""On a CUDA GPU: the engine's captured decode equals eager decode, its scores match plain transformers (+ PEFT),
+"""On a CUDA GPU: the engine's compiled, captured decode equals eager decode and plain transformers' dynamic-cache
+greedy output, its scores match plain transformers (+ PEFT), a failing compile still captures the plain step,
 4-bit loading with adapters from one base copy, and QLoRA training steps. Skipped on CPU."""
 import pytest
 from PIL import Image
@@ -63,18 +64,68 @@ def test_captured_decode_equals_eager_decode(demo_model, tmp_path):
     base = pool.backend(f"local:{demo_model}", quantize="none")
     tuned = pool.backend(f"local:{demo_model}+{adapter}", quantize="none")
     generator = base.engine.generator
-    assert generator.use_graphs and generator.graph_error is None
+    assert generator.use_graphs and generator.graph_error is None and generator.compile_error is None
     requests = [Request(Image.effect_noise((64, 64), 30 + 10 * i).convert("RGB"), q, max_new_tokens=24)
                 for i, q in enumerate(["what is the highest value", "which category", "how many bars"])]
     graphed = [base.generate([r])[0] for r in requests] + [tuned.generate([r])[0] for r in requests]
     both = [t for r in requests for t in (base.generate([r])[0],)]
     assert generator.graphs, "batch-1 decode should have run as a captured graph"
-    generator.use_graphs = False
+    generator.use_graphs = generator.use_compile = False
     eager = [base.generate([r])[0] for r in requests] + [tuned.generate([r])[0] for r in requests]
     assert graphed == eager and both == eager[:3]
-    generator.use_graphs = True
+    generator.use_graphs = generator.use_compile = True
     streamed = ["".join(s) for s in [base.stream(requests[0]), tuned.stream(requests[0])]]
     assert streamed == [eager[0], eager[3]]
+
+
+def dynamic_hf_answers(demo_model, requests):
+    """Greedy answers of plain transformers generate (dynamic cache, bf16, uncompiled) on the GPU."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from eval.images import pad_to_square
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.bfloat16, device_map={"": "cuda"}).eval()
+    processor = AutoProcessor.from_pretrained(demo_model)
+    out = []
+    for r in requests:
+        prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": r.question}]}], add_generation_prompt=True)
+        x = processor(text=[prompt], images=[pad_to_square(r.image)], return_tensors="pt").to("cuda")
+        x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+        with torch.inference_mode():
+            ids = model.generate(**x, max_new_tokens=r.max_new_tokens, do_sample=False)
+        text = processor.tokenizer.decode(ids[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+        out.append(text.replace("\ufffd", "").strip())
+    return out
+
+
+def test_compiled_static_cache_greedy_output_equals_the_dynamic_hf_path(demo_model):
+    pool = ModelPool()
+    base = pool.backend(f"local:{demo_model}", quantize="none")
+    generator = base.engine.generator
+    assert generator.use_compile and generator.compile_error is None and generator.graph_error is None
+    assert {(1, ((), True)), (2, ((), True))} <= generator.compiled_keys
+    assert "decode: compiled CUDA graphs" in base.engine.describe()
+    requests = [Request(Image.effect_noise((64, 64), 30 + 10 * i).convert("RGB"), q, max_new_tokens=16)
+                for i, q in enumerate(["what is the highest value", "which category", "how many bars"])]
+    assert [base.generate([r])[0] for r in requests] == dynamic_hf_answers(demo_model, requests)
+
+
+def test_a_failing_compile_still_captures_the_plain_step(demo_model, monkeypatch):
+    import torch
+
+    def broken(fn, **options):
+        def step(*args, **kwargs):
+            raise RuntimeError("inductor cannot build this graph")
+        return step
+    monkeypatch.setattr(torch, "compile", broken)
+    base = ModelPool().backend(f"local:{demo_model}", quantize="none")
+    generator = base.engine.generator
+    assert generator.compile_error == "RuntimeError: inductor cannot build this graph"
+    assert generator.graph_error is None and generator.graphs and not generator.compiled_keys
+    assert base.engine.describe().split("decode: ")[1].startswith("CUDA graphs (compile failed: RuntimeError")
+    request = Request(Image.effect_noise((64, 64), 30).convert("RGB"), "which category", max_new_tokens=16)
+    assert base.generate([request]) == dynamic_hf_answers(demo_model, [request])
 
 
 def test_qlora_steps_train_and_save_adapter_with_projector(demo_model, tmp_path):
