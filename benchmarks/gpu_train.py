@@ -296,12 +296,14 @@ def variants() -> list[tuple[str, dict]]:
     from training.config import TrainConfig
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    out = [("project", {})]
+    first, rest = [], []
     for name in OPTIONS:
         f = fields[name]
-        others = [v for v in f.metadata.get("choices") or (True, False) if v != f.default]
-        out += [(f"{name}={str(v).lower()}", {name: v}) for v in others]
-    return out
+        # choices listed last first: "hf" (the option off) before "liger" for loss_impl
+        others = [v for v in reversed(f.metadata.get("choices") or (False, True)) if v != f.default]
+        runs = [(f"{name}={str(v).lower()}", {name: v}) for v in others]
+        first, rest = first + runs[:1], rest + runs[1:]
+    return [("project", {})] + first + rest
 
 
 def table(res: dict) -> str:
@@ -348,7 +350,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.tiny:
         a.batch, a.warm, a.timed, a.workers, a.lora_r = 2, 1, 2, 0, 8
-        a.tokens = min(a.tokens, 120)
+        a.tokens, a.deadline = min(a.tokens, 120), max(a.deadline, 1500)     # a shared CPU is slow, not timed
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if a.one:
@@ -387,8 +389,9 @@ def main() -> None:
     for ds in datasets:
         res["datasets"][ds] = dataset_stats(base, data[ds], n)
     log("data ready", res["datasets"])
-    # TRL and the defaults on both datasets first, the variants after: what the deadline cuts is the least needed
-    order = [(ds, x) for x in names[:2] for ds in datasets] + [(ds, x) for x in names[2:] for ds in datasets]
+    # TRL and the defaults on both datasets first, then each option turned off on (a), then on (b): what the
+    # deadline cuts is the least needed
+    order = [(ds, x) for x in names[:2] for ds in datasets] + [(ds, x) for ds in datasets for x in names[2:]]
     logf = open(out / "train_runs.log", "w")
     for ds, (name, overrides) in order:
         runs = res["runs"].setdefault(ds, {})

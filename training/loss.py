@@ -123,8 +123,8 @@ def apply_liger(model) -> bool:
     False, with a warning, when liger_kernel does not import or the model has no Liger patch."""
     try:
         from liger_kernel.transformers import monkey_patch
-    except ImportError as e:
-        warnings.warn(f"liger: liger_kernel does not import ({e}); training without its kernels")
+    except Exception as e:  # noqa: BLE001 - a wheel built against other torch/transformers fails in many ways
+        warnings.warn(f"liger: liger_kernel does not import ({type(e).__name__}: {e}); training without its kernels")
         return False
     kinds = {"llava": "apply_liger_kernel_to_llava", "llama": "apply_liger_kernel_to_llama"}
     name = kinds.get(getattr(model.config, "model_type", ""))
