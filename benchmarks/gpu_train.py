@@ -316,8 +316,8 @@ def table(res: dict) -> str:
                 lines.append(f"| {ds} | {name} | {why} | | | | | |")
                 continue
             ratio = r.get("vs_trl", {})
-            lines.append(f"| {ds} | {name} | {r['samples_s']} | {r['tok_s']} | {100 * r['mfu']:.1f}% | {r['peak_gb']} | "
-                         f"{ratio.get('samples_s', '-')} | {ratio.get('peak_gb', '-')} |")
+            lines.append(f"| {ds} | {name} | {r['samples_s']} | {r['tok_s']} | {100 * r['mfu']:.1f}% | "
+                         f"{r['peak_gb']} | {ratio.get('samples_s', '-')} | {ratio.get('peak_gb', '-')} |")
     return "\n".join(lines)
 
 
@@ -326,7 +326,8 @@ def ratios(runs: dict) -> None:
     for name, r in runs.items():
         if name != "trl" and "samples_s" in r and "samples_s" in trl:
             r["vs_trl"] = {"samples_s": round(r["samples_s"] / trl["samples_s"], 3),
-                           "peak_gb": round(r["peak_gb"] / trl["peak_gb"], 3) if r["peak_gb"] and trl["peak_gb"] else None}
+                           "peak_gb": round(r["peak_gb"] / trl["peak_gb"], 3)
+                           if r["peak_gb"] and trl["peak_gb"] else None}
 
 
 def main() -> None:
@@ -373,7 +374,7 @@ def main() -> None:
     charts_dir = chart_data(a.work, n + n // 9 + 2, a.qa)
     data = {"fixed": fixed_data(a.work, base, charts_dir, a.tokens, n), "charts": charts_dir}
     try:
-        import trl  # noqa: F401
+        import trl  # noqa: F401 - only whether it imports
         have_trl = True
     except ImportError:
         have_trl = False
@@ -407,13 +408,15 @@ def main() -> None:
                str(a.work), "--mean-tokens", str(res["datasets"][ds]["mean_tokens"]), "--warm", str(a.warm),
                "--timed", str(a.timed), "--batch", str(a.batch), "--workers", str(a.workers), "--lora-r", str(a.lora_r)]
         t = time.perf_counter()
+        # the child imports what this process does (wheels on PYTHONPATH) and the project from ROOT
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
         try:
-            p = subprocess.run(cmd + (["--tiny"] if a.tiny else []), capture_output=True, text=True,
-                               timeout=min(a.run_timeout, max(int(left), 1)), env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                   filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))})
+            p = subprocess.run(cmd + (["--tiny"] if a.tiny else []), capture_output=True, text=True, env=env,
+                               timeout=min(a.run_timeout, max(int(left), 1)))
             stdout, stderr, rc = p.stdout, p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
-            stdout, stderr, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "", "timeout"
+            stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            stderr, rc = "", "timeout"
         logf.write(f"===== {ds} {name} rc={rc}\n{stdout}\n{stderr}\n")
         logf.flush()
         line = next((x for x in reversed(stdout.splitlines()) if x.startswith("RESULT ")), None)
