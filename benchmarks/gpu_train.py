@@ -1,38 +1,57 @@
-"""Training speed and memory of training.train on LLaVA-1.5-7B shapes (random weights), plus kill-and-resume.
+"""Fine-tuning speed and memory: TRL SFTTrainer (QLoRA) beside training.train, in the same run.
 
-    python benchmarks/gpu_train.py                 # one H100: ~5 min; JSON to $OUT/gpu_train.json (or ./gpu_out)
-    python benchmarks/gpu_train.py --tiny          # the same logic with tiny shapes on CPU (a smoke test)
+    python benchmarks/gpu_train.py            # one H200: ~8 min, model build included; $OUT/train.json
+    python benchmarks/gpu_train.py --tiny     # the same logic on tiny shapes on CPU (TRL skipped if absent)
 
-Builds the real architecture from a config (CLIP ViT-L/14-336 + Llama-7B, vocab 32064, 576 image tokens),
-saves it locally, renders a small chart dataset with charts.generate, then runs QLoRA and LoRA steps through
-training.train (batch 8, gradient checkpointing) and reports step time, samples/s, tokens/s and peak memory
-against the baseline in notes/GPU.md. The kill-and-resume check SIGTERMs a QLoRA subprocess mid-run,
-re-runs it, and verifies the run resumed at the checkpoint with adapter and projector weights restored.
-Needs torch, transformers, peft, accelerate (+ bitsandbytes on CUDA); no gradio, boto3 or datasets.
+Model: LLaVA-1.5-7B shapes with random weights (CLIP ViT-L/14-336 + Llama-7B, vocab 32064, 576 image
+tokens), built once and saved under --work. Recipe on both sides: QLoRA nf4 (double quant), r128 / alpha 256
+/ dropout 0.05 LoRA on every language-model linear, the projector trained in full, gradient checkpointing,
+bf16, batch 8, lr 2e-4 cosine. Two datasets:
+
+  (a) fixed: every sample exactly --tokens tokens (576 image tokens + text), no padding;
+  (b) charts: charts.generate with multi_turn on (one conversation of --qa questions per chart): short
+      answers of variable length, as real chart QA.
+
+Runs (each its own process, so peak memory and Liger's patches belong to one run): `trl`, `project` (the
+TrainConfig defaults), and `project` with each speed option set to each other value (`loss_impl=hf`,
+`adapter_dtype=float32`, `liger=false`, ...), so the table shows what each pays. Timing: --warm steps, then
+--timed steps; samples_s = timed samples / wall time from the end of the last warm-up step to the end of
+the last step (data loading included; CUDA synchronised at each step end); step_samples_s is the same from
+the median forward+backward+optimizer step alone. tok_s = samples_s x the dataset's mean real tokens per
+sample; mfu = 6 x N x tok_s / 790 TFLOP/s (N = 7.063e9). Runs that would pass --deadline are skipped
+(recorded as such), in the order given.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from training.config import TrainConfig  # noqa: E402
+T0 = time.time()
+N_PARAMS = 7.063e9      # CLIP ViT-L/14-336 + projector + Llama-7B with a 32064-row vocab, as built here
+PEAK_FLOPS = 790e12     # bf16 dense, measured on the H200
+LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+WORDS = ("value share percent highest lowest largest smallest maximum minimum category chart title axis legend "
+         "label difference ratio sum total average mean rank order first second third increase decrease trend "
+         "year month quarter revenue sales users people hours minutes million thousand billion dollars").split()
+# the speed options measured one at a time against the defaults
+OPTIONS = ("loss_impl", "adapter_dtype", "liger")
 
-# notes/GPU.md, one H100 80GB, LLaVA-1.5-7B shapes, batch 8, gradient checkpointing
-BASELINE = {"lora": {"samples_s": 8.4, "tokens_s": 5900, "peak_gb": 23.3},
-            "qlora": {"samples_s": 6.3, "tokens_s": 4500, "peak_gb": 15.7},
-            "trl-qlora": {"samples_s": 6.5, "tokens_s": 5400, "peak_gb": 10.5}}
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
+# ------------------------------------------------------------------ model and data
 def build_model(out: Path, tiny: bool) -> Path:
     import torch
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
@@ -43,7 +62,6 @@ def build_model(out: Path, tiny: bool) -> Path:
     if (out / "config.json").exists():
         return out
     tok = build_tokenizer()
-    image_id = tok.convert_tokens_to_ids("<image>")
     if tiny:
         vision = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, num_attention_heads=4)
@@ -57,7 +75,7 @@ def build_model(out: Path, tiny: bool) -> Path:
                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
         image, patch = 336, 14
     text.update({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-2,
                          image_seq_length=(image // patch) ** 2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,165 +90,373 @@ def build_model(out: Path, tiny: bool) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
-def make_data(out: Path, n: int) -> Path:
+def chart_data(work: Path, n: int, qa: int) -> Path:
+    """(b): chart-QA conversations as charts.generate writes them, multi-turn on."""
     import charts
 
+    out = work / f"charts-mt{n}"
     if not (out / "dataset.json").exists():
-        charts.generate(n, seed=0, out_dir=str(out), workers=min(8, os.cpu_count() or 1), qa_per_chart=3)
+        charts.generate(n, seed=0, out_dir=str(out), workers=min(8, os.cpu_count() or 1), qa_per_chart=qa,
+                        multi_turn=True, split=(0.9, 0.1, 0.0))
     return out
 
 
-def timed_run(cfg: TrainConfig) -> dict:
-    """In-process training.train with a callback that times steps (first two are warm-up)."""
+def fixed_data(work: Path, base: Path, images_from: Path, tokens: int, n: int) -> Path:
+    """(a): records whose every sample renders to exactly `tokens` tokens (image tokens included) with this
+    model's processor and chat template (a question padded with words, then an answer grown word by word)."""
+    import random
+
+    from transformers import AutoProcessor
+
+    from training.data import _tokens_per_image, read_records, to_messages
+
+    out = work / f"fixed{tokens}-{n}"
+    if (out / "train.jsonl").exists():
+        return out
+    processor = AutoProcessor.from_pretrained(base)
+    tok = processor.tokenizer
+    images = [r["image"] for r in read_records(images_from / "train.jsonl")]
+    per_image = _tokens_per_image(processor, [{"image": images[0]}], "pad")
+    rng = random.Random(0)
+
+    def length(q, a):
+        rec = {"conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]}
+        text = processor.apply_chat_template(to_messages(rec), tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"]) + per_image - 1
+
+    rows = []
+    for i in range(n):
+        q = "Describe the chart in detail: " + " ".join(rng.choice(WORDS) for _ in range(20))
+        a, tries = rng.choice(WORDS), 0
+        while length(q, a) < tokens:
+            a += " " + rng.choice(WORDS)
+        while length(q, a) != tokens and tries < 200:     # overshot: swap the last word for a shorter one
+            a, tries = a.rsplit(" ", 1)[0] + " " + rng.choice(WORDS + ["a", "1"]), tries + 1
+            if length(q, a) < tokens:
+                a += " a"
+        image = Path(images[i % len(images)])
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        if not (out / "images" / image.name).exists():     # a dataset's images live inside its folder
+            (out / "images" / image.name).write_bytes(image.read_bytes())
+        rows.append({"id": f"fixed-{i}", "image": f"images/{image.name}", "split": "train",
+                     "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
+    (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))     # no val: nothing is evaluated
+    return out
+
+
+def dataset_stats(base: Path, data: Path, n: int) -> dict:
+    from transformers import AutoProcessor
+
+    from training.data import ChatDataset, read_records
+
+    ds = ChatDataset(read_records(data / "train.jsonl")[:n], AutoProcessor.from_pretrained(base), 4096)
+    turns = [sum(t["from"] == "gpt" for t in r["conversations"]) for r in ds.records]
+    return {"samples": len(ds), "mean_tokens": round(statistics.mean(ds.lengths), 1), "min_tokens": min(ds.lengths),
+            "max_tokens": max(ds.lengths), "mean_answers": round(statistics.mean(turns), 2)}
+
+
+# ------------------------------------------------------------------ timing
+def clock():
     import torch
     from transformers import TrainerCallback
 
-    from training.train import train
-
-    times, seen = [], {}
-
     class Clock(TrainerCallback):
+        def __init__(self):
+            self.steps, self.ends, self.t = [], [], None
+
         def on_train_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
+                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            seen["t"] = time.perf_counter()
+            self.t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - seen["t"])
+            now = time.perf_counter()
+            self.steps.append(now - self.t)
+            self.ends.append(now)
 
-    start = time.time()
-    result = train(cfg, callbacks=[Clock()])
-    steady = times[2:] or times
-    step = statistics.median(steady)
-    batch = cfg.per_device_batch_size * cfg.grad_accum
-    tokens = _mean_tokens(cfg)
-    out = {"steps": len(times), "step_s": round(step, 3), "samples_s": round(batch / step, 2),
-           "tokens_s": round(batch * tokens / step), "mean_tokens": round(tokens),
-           "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
-           "wall_s": round(time.time() - start, 1), "status": result["status"]}
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out
+    return Clock()
 
 
-def _mean_tokens(cfg: TrainConfig) -> float:
-    from transformers import AutoProcessor
+def summarize(c, batch: int, warm: int, mean_tokens: float, n_params: float) -> dict:
+    import torch
 
-    from training.data import ChatDataset, read_records, split_file
+    timed = len(c.ends) - warm
+    if timed < 1:
+        raise RuntimeError(f"only {len(c.ends)} steps ran; {warm} are warm-up")
+    samples_s = timed * batch / (c.ends[-1] - c.ends[warm - 1]) if warm else batch / statistics.mean(c.steps)
+    tok_s = samples_s * mean_tokens
+    cuda = torch.cuda.is_available()
+    return {"samples_s": round(samples_s, 3), "tok_s": round(tok_s),
+            "step_samples_s": round(batch / statistics.median(c.steps[warm:]), 3),
+            "mfu": round(6 * n_params * tok_s / PEAK_FLOPS, 4),
+            "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+            "steps": len(c.steps), "step_s": [round(x, 3) for x in c.steps]}
 
-    records = read_records(split_file(cfg.data, "train"))[:64]
-    ds = ChatDataset(records, AutoProcessor.from_pretrained(cfg.model), cfg.max_length, cfg.image_aspect_ratio)
-    return statistics.mean(ds.lengths)
+
+def count_params(model) -> float:
+    n = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        n += qs.shape.numel() if qs is not None else p.numel()
+    return float(n)
 
 
-def kill_and_resume(cfg: TrainConfig, work: Path) -> dict:
-    """SIGTERM a subprocess run mid-way; the re-run must start at its checkpoint with the same weights."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
+# ------------------------------------------------------------------ one run (its own process)
+def run_trl(base: Path, data: Path, a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from training.data import read_records, to_messages
+
+    cuda = torch.cuda.is_available()
+    kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
+    if cuda:    # QLoRA as TRL's docs set it up; full names: bare ones leave the tower quantized in 5.23
+        kwargs.update(device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"]))
+    model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+    n_params = N_PARAMS if not a.tiny else count_params(model)
+    processor = AutoProcessor.from_pretrained(base)
+    recs = read_records(data / "train.jsonl")[:(a.warm + a.timed) * a.batch]
+    ds = Dataset.from_list([{"images": [Image.open(r["image"]).convert("RGB")], "messages": to_messages(r)}
+                            for r in recs])
+    lcfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.05, target_modules=LM_LINEARS,
+                      modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=str(a.work / "trl-out"), per_device_train_batch_size=a.batch,
+                     max_steps=a.warm + a.timed, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
+                     bf16=cuda, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to="none",
+                     max_length=None, dataloader_num_workers=a.workers, remove_unused_columns=False,
+                     use_cpu=not cuda, disable_tqdm=True)
+    c = clock()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor, peft_config=lcfg,
+                         callbacks=[c])
+    dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
+    trainer.train()
+    return {**summarize(c, a.batch, a.warm, a.mean_tokens, n_params), "trainable_dtypes": dtypes}
+
+
+def run_project(base: Path, data: Path, a, overrides: dict) -> dict:
+    import torch
     from transformers import TrainerCallback
 
+    from training.config import TrainConfig
     from training.train import train
 
-    cfg = cfg.replace(output_dir=str(work / "resume"), max_steps=12, save_steps=1000, overwrite=False)
-    path = work / "resume.yaml"
-    cfg.to_yaml(path)
-    # keep what PYTHONPATH already holds (e.g. carried wheels): the child imports the same packages
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                                      os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "training.train", "--config", str(path)], env=env,
-                            stdout=open(work / "resume.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    metrics = Path(cfg.output_dir) / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-        if steps and max(steps) >= 4:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=300)
-    if not (Path(cfg.output_dir) / "result.json").exists():
-        return {"exit_code": code, "ok": False, "log_tail": (work / "resume.log").read_text()[-3000:]}
-    result = json.loads((Path(cfg.output_dir) / "result.json").read_text())
-    ckpt = Path(result["checkpoint"])
-    saved = load_file(ckpt / "adapter_model.safetensors")
-    seen = {}
+    cuda = torch.cuda.is_available()
+    cfg = TrainConfig(model=str(base), data=str(data), mode="qlora" if cuda else "lora",
+                      output_dir=str(a.work / "project-out"), per_device_batch_size=a.batch,
+                      max_steps=a.warm + a.timed, eval_steps=0, eval_limit=0, save_steps=10_000, logging_steps=1,
+                      overwrite=True, resume="never", dataloader_workers=a.workers, max_length=4096,
+                      gradient_checkpointing=True, lora_r=a.lora_r, lora_alpha=2 * a.lora_r, **overrides)
+    info = {}
 
-    class Snapshot(TrainerCallback):
+    class Peek(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kw):
-            seen["step"] = state.global_step
-            seen["weights"] = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+            info["trainable_dtypes"] = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad})
+            info["n_params"] = count_params(model)
 
-    second = train(cfg, callbacks=[Snapshot()])
-    same = all(k in seen["weights"] and bool((seen["weights"][k] == v.float()).all()) for k, v in saved.items())
-    return {"exit_code": code, "interrupted_at": result.get("step"), "checkpoint": ckpt.name,
-            "resumed_at": seen.get("step"), "weights_restored": same,
-            "projector_in_checkpoint": any("multi_modal_projector" in k for k in saved),
-            "final_status": second["status"], "ok": code != 0 and same and seen.get("step") == result.get("step")}
+    c = clock()
+    result = train(cfg, callbacks=[Peek(), c])
+    n_params = N_PARAMS if not a.tiny else info["n_params"]
+    return {**summarize(c, a.batch, a.warm, a.mean_tokens, n_params), "status": result["status"],
+            "trainable_dtypes": info.get("trainable_dtypes"), "config": overrides}
+
+
+def one(a) -> dict:
+    kind, _, rest = a.one.partition(":")
+    data = Path(a.data)
+    if kind == "trl":
+        return run_trl(a.work / "base", data, a)
+    return run_project(a.work / "base", data, a, json.loads(rest or "{}"))
+
+
+# ------------------------------------------------------------------ the table
+def variants() -> list[tuple[str, dict]]:
+    """`project` (the defaults) and, for each speed option, the run with it set to each other value."""
+    import dataclasses
+
+    from training.config import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    first, rest = [], []
+    for name in OPTIONS:
+        f = fields[name]
+        # choices listed last first: "hf" (the option off) before "liger" for loss_impl
+        others = [v for v in reversed(f.metadata.get("choices") or (False, True)) if v != f.default]
+        runs = [(f"{name}={str(v).lower()}", {name: v}) for v in others]
+        first, rest = first + runs[:1], rest + runs[1:]
+    return [("project", {})] + first + rest
+
+
+def table(res: dict) -> str:
+    lines = ["| dataset | run | samples/s | tok/s | MFU | peak GB | vs TRL speed | vs TRL memory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for ds, runs in res["runs"].items():
+        for name, r in runs.items():
+            if "samples_s" not in r:
+                why = str(r.get("error") or r.get("skipped")).splitlines()[0][:100]
+                lines.append(f"| {ds} | {name} | {why} | | | | | |")
+                continue
+            ratio = r.get("vs_trl", {})
+            lines.append(f"| {ds} | {name} | {r['samples_s']} | {r['tok_s']} | {100 * r['mfu']:.1f}% | "
+                         f"{r['peak_gb']} | {ratio.get('samples_s', '-')} | {ratio.get('peak_gb', '-')} |")
+    return "\n".join(lines)
+
+
+def ratios(runs: dict) -> None:
+    trl = runs.get("trl", {})
+    for name, r in runs.items():
+        if name != "trl" and "samples_s" in r and "samples_s" in trl:
+            r["vs_trl"] = {"samples_s": round(r["samples_s"] / trl["samples_s"], 3),
+                           "peak_gb": round(r["peak_gb"] / trl["peak_gb"], 3)
+                           if r["peak_gb"] and trl["peak_gb"] else None}
 
 
 def main() -> None:
-    import torch
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: checks the logic, not the speed")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--work", default="/tmp/gpu_train")
-    args = ap.parse_args()
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gpu_train"))
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--timed", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=835, help="sample length of dataset (a)")
+    ap.add_argument("--qa", type=int, default=3, help="questions per chart conversation in dataset (b)")
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--datasets", default="fixed,charts")
+    ap.add_argument("--runs", default="", help="comma-separated run names (default: trl, project and every variant)")
+    ap.add_argument("--deadline", type=float, default=500, help="seconds: later runs are skipped")
+    ap.add_argument("--run-timeout", type=int, default=150)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--mean-tokens", type=float, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.tiny:
+        a.batch, a.warm, a.timed, a.workers, a.lora_r = 2, 1, 2, 0, 8
+        a.tokens, a.deadline = min(a.tokens, 120), max(a.deadline, 1500)     # a shared CPU is slow, not timed
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if a.one:
+        try:
+            r = one(a)
+        except Exception as e:  # noqa: BLE001 - recorded in the table
+            r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]}
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+
+    import torch
+
     cuda = torch.cuda.is_available()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    model = build_model(work / ("tiny-llava" if args.tiny else "llava-7b-shapes"), args.tiny)
-    data = make_data(work / "charts", 24 if args.tiny else 48)
-    print(f"model + data ready in {time.time() - t0:.0f} s", flush=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    out = Path(os.environ.get("OUT") or "gpu_out")
+    out.mkdir(parents=True, exist_ok=True)
+    base = build_model(a.work / "base", a.tiny)
+    log("model ready")
+    n = (a.warm + a.timed) * a.batch
+    charts_dir = chart_data(a.work, n + n // 9 + 2, a.qa)
+    data = {"fixed": fixed_data(a.work, base, charts_dir, a.tokens, n), "charts": charts_dir}
+    try:
+        import trl  # noqa: F401 - only whether it imports
+        have_trl = True
+    except ImportError:
+        have_trl = False
+    names = [("trl", None)] + variants()
+    if a.runs:
+        names = [x for x in names if x[0] in a.runs.split(",")]
+    res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC",
+           time.gmtime()), "commit": _commit(), "tiny": a.tiny, "mode": "qlora" if cuda else "lora",
+           "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()
+                        if k not in ("one", "data", "mean_tokens")},
+           "n_params": N_PARAMS, "peak_flops": PEAK_FLOPS, "versions": _versions(), "datasets": {}, "runs": {}}
+    datasets = a.datasets.split(",")
+    for ds in datasets:
+        res["datasets"][ds] = dataset_stats(base, data[ds], n)
+    log("data ready", res["datasets"])
+    # TRL and the defaults on both datasets first, then each option turned off on (a), then on (b): what the
+    # deadline cuts is the least needed
+    order = [(ds, x) for x in names[:2] for ds in datasets] + [(ds, x) for ds in datasets for x in names[2:]]
+    logf = open(out / "train_runs.log", "w")
+    for ds, (name, overrides) in order:
+        runs = res["runs"].setdefault(ds, {})
+        left = a.deadline - (time.time() - T0)
+        if name == "trl" and not have_trl:
+            runs[name] = {"skipped": "trl does not import"}
+            continue
+        if left < 40:
+            runs[name] = {"skipped": f"{left:.0f} s left before the deadline"}
+            continue
+        spec = "trl" if name == "trl" else "project:" + json.dumps(overrides)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", spec, "--data", str(data[ds]), "--work",
+               str(a.work), "--mean-tokens", str(res["datasets"][ds]["mean_tokens"]), "--warm", str(a.warm),
+               "--timed", str(a.timed), "--batch", str(a.batch), "--workers", str(a.workers), "--lora-r", str(a.lora_r)]
+        t = time.perf_counter()
+        # the child imports what this process does (wheels on PYTHONPATH) and the project from ROOT
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+        try:
+            p = subprocess.run(cmd + (["--tiny"] if a.tiny else []), capture_output=True, text=True, env=env,
+                               timeout=min(a.run_timeout, max(int(left), 1)))
+            stdout, stderr, rc = p.stdout, p.stderr, p.returncode
+        except subprocess.TimeoutExpired as e:
+            stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            stderr, rc = "", "timeout"
+        logf.write(f"===== {ds} {name} rc={rc}\n{stdout}\n{stderr}\n")
+        logf.flush()
+        line = next((x for x in reversed(stdout.splitlines()) if x.startswith("RESULT ")), None)
+        r = json.loads(line[7:]) if line else {"error": f"no result (rc {rc})", "stderr_tail": stderr[-2000:]}
+        r["process_s"] = round(time.perf_counter() - t, 1)
+        runs[name] = r
+        log(ds, name, {k: v for k, v in r.items() if k not in ("traceback", "step_s", "stderr_tail")})
+        if "error" in r:
+            print(r.get("traceback") or r.get("stderr_tail"), flush=True)
+        ratios(runs)
+        _write(out, res)
+    res["wall_s"] = round(time.time() - T0, 1)
+    _write(out, res)
+    print("\n" + table(res), flush=True)
+    log(f"wrote {out / 'train.json'}")
 
-    from eval.demo import build_demo_model
-    demo = build_demo_model(work / "demo-llava") if not (work / "demo-llava" / "config.json").exists() \
-        else work / "demo-llava"
-    common = dict(data=str(data), max_steps=args.steps, per_device_batch_size=2 if args.tiny else 8,
-                  eval_steps=0, eval_limit=0, save_steps=1000, logging_steps=1, overwrite=True,
-                  dataloader_workers=0 if args.tiny else 4, max_length=2048, gradient_checkpointing=True,
-                  resume="never")
-    runs = {}
-    modes = ["qlora", "lora"] if cuda else ["lora"]
-    for mode in modes:
-        cfg = TrainConfig(model=str(model), mode=mode, output_dir=str(work / f"run-{mode}"), **common)
-        runs[mode] = timed_run(cfg)
-        print(mode, runs[mode], flush=True)
-    runs["demo-lora"] = timed_run(TrainConfig(model=str(demo), mode="lora", lora_r=16, lora_alpha=32,
-                                              output_dir=str(work / "run-demo"), **common))
-    print("demo-lora", runs["demo-lora"], flush=True)
-    resume_mode = "qlora" if cuda else "lora"
-    resume = kill_and_resume(TrainConfig(model=str(model), mode=resume_mode, **{**common, "resume": "auto"}), work)
-    print("kill-and-resume", resume, flush=True)
 
-    print("\n| run | step s | samples/s | tokens/s | peak GB | baseline samples/s | baseline tok/s | baseline GB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in runs.items():
-        b = BASELINE.get(name, {})
-        print(f"| {name} | {r['step_s']} | {r['samples_s']} | {r['tokens_s']} | {r['peak_gb']} | "
-              f"{b.get('samples_s', '-')} | {b.get('tokens_s', '-')} | {b.get('peak_gb', '-')} |")
-    print("| (TRL SFTTrainer QLoRA, GPU.md) | 1.23 | 6.5 | 5400 | 10.5 | | | |")
-    print(f"kill-and-resume ({resume_mode}): {'OK' if resume['ok'] else 'FAILED'} {resume}")
-    out_dir = Path(os.environ.get("OUT") or "gpu_out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "tiny": args.tiny, "runs": runs,
-              "kill_and_resume": resume, "baseline": BASELINE, "wall_s": round(time.time() - t0, 1),
-              "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                           "peft": __import__("peft").__version__}}
-    (out_dir / "gpu_train.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {out_dir / 'gpu_train.json'} in {time.time() - t0:.0f} s")
+def _write(out: Path, res: dict) -> None:
+    from charts.io import atomic_write_json
+
+    atomic_write_json(out / "train.json", res)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _versions() -> dict:
+    vers = {}
+    for m in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "liger_kernel"):
+        try:
+            mod = __import__(m)
+            vers[m] = getattr(mod, "__version__", "installed")
+        except Exception as e:  # noqa: BLE001 - a missing package is a finding, not a failure
+            vers[m] = f"n/a ({type(e).__name__})"
+    return vers
 
 
 if __name__ == "__main__":

@@ -77,6 +77,18 @@ class TrainConfig:
     deepspeed: str = _f("none", "DeepSpeed ZeRO config shipped in training/deepspeed/ (zero2 for QLoRA; "
                                 "zero3_offload for full runs short of memory).",
                         choices=("none", "zero2", "zero3_offload"), group="speed")
+    loss_impl: str = _f("chunked", "Training loss: chunked = from the answer positions only, their logits made "
+                                   "1024 tokens at a time (no full-vocabulary logits for the batch); liger = "
+                                   "the same with Liger's fused kernel (GPU with liger_kernel, else chunked); "
+                                   "hf = the model's own loss over logits of every position.",
+                        choices=("chunked", "liger", "hf"), group="speed")
+    liger: bool = _f(True, "Liger kernels for RMSNorm, SwiGLU and RoPE (GPU with liger_kernel installed; "
+                           "skipped with a warning otherwise).", group="speed")
+    adapter_dtype: str = _f("bfloat16", "Dtype of the trained LoRA and projector weights (and their optimizer "
+                                        "state) under bf16 mixed precision: bfloat16 halves their memory (as TRL "
+                                        "and the QLoRA paper do); float32 as PEFT upcasts them. Without bf16 "
+                                        "(CPU) they stay float32.",
+                            choices=("bfloat16", "float32"), group="speed")
     dataloader_workers: int = _f(2, "Processes that load and preprocess images.", group="speed")
     # --- evaluation, checkpoints, logging
     eval_steps: int = _f(50, "Evaluate (val loss + relaxed accuracy) every N steps; 0: only at the end.", group="eval")
