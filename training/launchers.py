@@ -326,6 +326,44 @@ def _progress_of(job: dict) -> dict:
     return {**extra, "progress": progress({**job, **extra})}
 
 
+def job_adapter(job: dict) -> str:
+    """Where a fine-tune's adapter is (or will be): runs/NAME/adapter locally, the S3 output for SageMaker;
+    "" for jobs that make no adapter (benchmarks, generations)."""
+    if job.get("task", "train") != "train":
+        return ""
+    return str(Path(job["output_dir"]) / "adapter") if job.get("output_dir") else job.get("output", "")
+
+
+def compare_refs(workspace: Path, job_id: str | None) -> tuple[str, str]:
+    """Side A = the job's base, side B = that base + the job's adapter, as Compare-tab model refs."""
+    job = find_job(workspace, job_id or "")
+    adapter = Path(job_adapter(job)) if job and job_adapter(job) else None
+    if adapter is None or not (adapter / "adapter_config.json").is_file():
+        raise ValueError("pick a finished local fine-tune: its adapter folder is not there yet")
+    return f"local:{job['model']}", f"local:{job['model']}+{adapter}"
+
+
+def describe(job: dict) -> str:
+    """One line a person reads: `bench-3 · running · 40% · demo-llava 4/10` (plus why, when it failed)."""
+    parts = [job.get("short") or job["id"], job.get("status", "?")]
+    if job.get("progress") is not None and job.get("status") != "completed":
+        parts.append(f"{job['progress']:.0f}%")
+    if job.get("desc"):
+        parts.append(job["desc"])
+    if job.get("status") == "failed" and job.get("detail"):
+        parts.append(job["detail"].strip().splitlines()[-1][:200])
+    return " · ".join(parts)
+
+
+def newest(workspace: Path, task: str) -> dict | None:
+    """The most recent job of one task with a fresh status (what a tab shows after a reload), else None."""
+    jobs = [j for j in read_jobs(workspace).values() if j["task"] == task]
+    if not jobs:
+        return None
+    job = max(jobs, key=lambda j: j.get("created", 0))
+    return LocalLauncher(workspace).status(job) if job.get("kind") == "local" else job
+
+
 def _new_dir(root: Path, stem: str) -> Path:
     """A new folder root/stem (or stem-2, ...): mkdir creates or fails, so two jobs never share one."""
     root.mkdir(parents=True, exist_ok=True)
