@@ -173,7 +173,7 @@ def build(studio: Studio) -> dict:
                    else SageMakerLauncher(workspace, _settings(*sm)).start(cfg, name or None))
         except Exception as e:           # config / AWS errors are for the user to fix: show them
             return f"# not launched: {e}", _jobs_table(workspace), gr.update()
-        return (f"# launched {job['short']} ({job['id']})", _jobs_table(workspace),
+        return (f"# launched {job['id']} ({job['short']})", _jobs_table(workspace),
                 gr.update(choices=_job_choices(workspace), value=job["id"]))
 
     def watch(job_id, *sm):
