@@ -22,12 +22,11 @@ from eval.images import ImageError, load_image
 from eval.paired import OUTCOMES, opening_outcome, sample_pairs
 from eval.display import rounded, short_name
 from eval.report import bar_chart, leaderboard_rows, list_evals, write_reports
-from eval.config import EvalConfig
-from eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX, named_eval_dir, new_eval_dir, read_runs
+from eval.config import SPLITS, EvalConfig
+from eval.run import named_eval_dir, new_eval_dir, read_runs
 from studio.context import Studio
 from training.launchers import LocalLauncher, describe, newest
 
-SPLITS = ["test", "val", "train", "human", "augmented", "all"]
 # scores first and the full model ref last, so a narrow table still shows who scored what
 BOARD_COLUMNS = ["model", "relaxed_ref", "relaxed_norm", "exact", "anls", "n", "n_errors", "eval", "dataset", "split",
                  "date", "model ref"]
@@ -143,7 +142,7 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         dataset = gr.Dropdown(datasets_now, value=datasets_now[0][1] if datasets_now else None, allow_custom_value=True,
                               label="Dataset (workspace/datasets, or a path to a ChartQA-style / LLaVA file)", scale=3)
-        split = gr.Dropdown(SPLITS, value="test", label="Split", scale=1)
+        split = gr.Dropdown(list(SPLITS), value="test", label="Split", scale=1)
         limit = gr.Number(value=100, precision=0, minimum=0, label="Limit (0 = all)", scale=1)
         name = gr.Textbox(label="Eval name", placeholder="automatic: dataset-split-time", scale=2)
     with gr.Row():
@@ -153,8 +152,10 @@ def build(studio: Studio) -> dict:
         refresh = gr.Button("Refresh lists", size="sm", scale=1)
     with gr.Accordion("Prompt and generation (recorded with the results)", open=False):
         with gr.Row():
-            suffix = gr.Textbox(DEFAULT_SUFFIX, label="Prompt suffix (appended to each question)", scale=4)
-            max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, label="max_new_tokens", scale=1)
+            suffix = gr.Textbox(EvalConfig().prompt_suffix, label="Prompt suffix (appended to each question)", scale=4,
+                                info=EvalConfig.help("prompt_suffix"))
+            max_new_tokens = gr.Number(EvalConfig().max_new_tokens, precision=0, minimum=1, label="max_new_tokens",
+                                       scale=1, info=EvalConfig.help("max_new_tokens"))
             wire = gr.Dropdown(["recorded", *WIRES], value="recorded", label="Endpoint wire", scale=1,
                                info="sagemaker models: as recorded at deploy, or the format of one deployed elsewhere")
     with gr.Row():

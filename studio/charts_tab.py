@@ -52,17 +52,19 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         with gr.Column(scale=1):
             name = gr.Textbox("charts-demo", label="Dataset name", info="saved to WORKSPACE/datasets/NAME")
-            kinds = gr.CheckboxGroup(list(charts.KINDS), value=list(charts.KINDS), label="Chart kinds")
-            families = gr.CheckboxGroup(list(charts.FAMILIES), value=list(charts.FAMILIES), label="Question families")
+            d, h = GenerateConfig(out="-", n=200), GenerateConfig.help   # the form's defaults and help: the config's
+            kinds = gr.CheckboxGroup(list(charts.KINDS), value=d.kinds, label="Chart kinds")
+            families = gr.CheckboxGroup(list(charts.FAMILIES), value=d.families, label="Question families")
             with gr.Row():
-                count = gr.Number(200, label="Charts", precision=0, minimum=1, maximum=200_000)
-                seed = gr.Number(0, label="Seed", precision=0)
-                qa_per_chart = gr.Number(3, label="Questions per chart", precision=0, minimum=1, maximum=13)
-            split = gr.Textbox("0.8,0.1,0.1", label="Split train,val,test (by image)")
-            multi_turn = gr.Checkbox(False, label="Multi-turn: all questions of an image in one conversation")
-            instruct_share = gr.Slider(0, 1, value=0.5, step=0.05,
+                count = gr.Number(d.n, label="Charts", precision=0, minimum=1, maximum=200_000, info=h("n"))
+                seed = gr.Number(d.seed, label="Seed", precision=0, info=h("seed"))
+                qa_per_chart = gr.Number(d.qa_per_chart, label="Questions per chart", precision=0, minimum=1,
+                                         maximum=13, info=h("qa_per_chart"))
+            split = gr.Textbox(d.split, label="Split train,val,test (by image)", info=h("split"))
+            multi_turn = gr.Checkbox(d.multi_turn, label="Multi-turn: all questions of an image in one conversation")
+            instruct_share = gr.Slider(0, 1, value=d.instruct_share, step=0.05,
                                        label="Share of train/val questions with the short-answer instruction",
-                                       info="the benchmark appends it to every question; test questions stay bare")
+                                       info=h("instruct_share"))
             with gr.Row():
                 generate_btn = gr.Button("Generate", variant="primary", scale=3)
                 stop_btn = gr.Button("Stop generation", variant="stop", scale=1)

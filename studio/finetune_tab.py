@@ -61,10 +61,12 @@ def _settings(role, bucket, region, instance_type, count, spot, hours) -> SageMa
                              max_runtime_s=int(hours * 3600), max_wait_s=int(hours * 3600 * 1.5))
 
 
-def _jobs_table(workspace: Path):
+def _jobs_table(workspace: Path, remote: bool = True):
+    """Every job; `remote=False` (the timer) asks only local processes, not SageMaker, for a fresh status."""
     import pandas as pd
 
-    rows = all_jobs(workspace, refresh=True)
+    rows = all_jobs(workspace, refresh=True) if remote else \
+        [LocalLauncher(workspace).status(j) if j.get("kind") == "local" else j for j in all_jobs(workspace, False)]
     for r in rows:
         r["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0)))
         r["loss"], r["eval_loss"] = rounded(r.get("loss"), 3), rounded(r.get("eval_loss"), 3)
@@ -219,7 +221,7 @@ def build(studio: Studio) -> dict:
     resume_btn.click(resume, job_box, [cmd_out, jobs])
     job_box.change(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
     timer.tick(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
-    timer.tick(lambda: _jobs_table(workspace), None, jobs)      # progress of every job, whoever started it
+    timer.tick(lambda: _jobs_table(workspace, remote=False), None, jobs)   # progress of every job, whoever started it
     return {"on_load": [(lists, None, [jobs, job_box, dataset_box])], "inputs": inputs, "preset": preset_box,
             "dataset": dataset_box, "jobs": jobs, "job": job_box,
             "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn, "resume": resume_btn,

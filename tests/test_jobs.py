@@ -116,3 +116,17 @@ def test_generation_and_benchmark_jobs_report_progress_stop_and_survive_a_restar
     assert logs.returncode == 0 and "written to" in logs.stdout
     assert _cli(ws, "stop", "charts-2").stdout.strip() == "stopped"
     assert _cli(ws, "logs", "bench-9").returncode == 2
+
+
+def test_the_cli_launches_a_generation_job_from_a_config_file(tmp_path):
+    ws = tmp_path / "ws"
+    GenerateConfig(out=str(ws / "datasets" / "cli"), n=2, workers=1).to_yaml(tmp_path / "gen.yaml")
+    out = _cli(ws, "launch", "--task", "charts", "--config", str(tmp_path / "gen.yaml"))
+    assert out.returncode == 0, out.stderr
+    started = json.loads(out.stdout)
+    assert started["short"] == "charts-1" and started["task"] == "charts"
+    job = find_job(ws, "charts-1")
+    done = _wait(lambda: (s := LocalLauncher(ws).status(job))["status"] != "running" and s)
+    assert done["status"] == "completed", done.get("detail")
+    bad = _cli(ws, "launch", "--task", "bench", "--config", str(tmp_path / "gen.yaml"))
+    assert bad.returncode == 2 and "unknown EvalConfig keys" in bad.stderr
