@@ -130,3 +130,21 @@ def test_the_cli_launches_a_generation_job_from_a_config_file(tmp_path):
     assert done["status"] == "completed", done.get("detail")
     bad = _cli(ws, "launch", "--task", "bench", "--config", str(tmp_path / "gen.yaml"))
     assert bad.returncode == 2 and "unknown EvalConfig keys" in bad.stderr
+
+
+def test_a_stopped_benchmark_job_leaves_its_resumable_samples_and_no_summary(demo_model, tmp_path):
+    from test_eval_run import make_chartqa
+
+    ws = tmp_path / "ws"
+    launcher = LocalLauncher(ws)
+    data = make_chartqa(tmp_path / "q", n=400)
+    job = launcher.start(EvalConfig(data=str(data), model=[f"local:{demo_model}"], out=str(ws / "evals" / "long"),
+                                    max_new_tokens=48, batch_size=2))
+    seen = _wait(lambda: (s := launcher.status(job)).get("done", 0) >= 4 and s)
+    assert seen["status"] == "running" and seen["total"] == 400
+    assert launcher.stop(job, grace=20)["status"] == "stopped"
+    out = ws / "evals" / "long" / "demo-llava"
+    assert not (out / "summary.json").exists() and not list((ws / "evals").rglob("*.tmp"))
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert 4 <= len(rows) < 400                      # whole lines only: a rerun resumes from them
+    assert json.loads(Path(job["job_file"]).read_text())["status"] == "stopped"
