@@ -15,6 +15,7 @@ from training.launchers import compare_refs
 CSS = """
 .answer textarea { font-size: 1.05rem; }
 footer { display: none !important; }
+#example-charts img { object-fit: contain; }   /* gradio crops example thumbnails to a square: show the whole chart */
 """
 
 

@@ -128,6 +128,7 @@ def build(studio: Studio) -> dict:
                 unload_button = gr.Button("Unload models", size="sm", scale=0)
     # a click fills the chart and question, then sets the gold as "Random example" does: verdicts follow
     gr.Examples(_examples(), inputs=[image, question], label="Example charts (assets/examples)", fn=example_gold,
+                elem_id="example-charts",
                 outputs=[gold, example], run_on_click=True, cache_examples=False)
     with gr.Row():
         votes = [gr.Button(v, size="sm") for v in compare.VOTES]
@@ -217,7 +218,7 @@ def build(studio: Studio) -> dict:
             return f"**{e}**", note_text
         shown = " · ".join(f"{label_} was **{short_name(s.ref)}**" for label_, s in zip("AB", res.sides))
         reveal = f" · revealed: {shown}" if row["blind"] else ""
-        return f"vote recorded: **{label}**{reveal} → {studio.path('votes.jsonl')}", ""
+        return f"vote recorded: **{label}**{reveal} → workspace/votes.jsonl", ""     # a full path runs off-screen
 
     def export(res):
         if res is None:

@@ -48,6 +48,7 @@ def test_compare_streams_both_sides_and_votes_and_exports(app):
     assert "tok/s" in stats_a and "tok/s" in stats_b
     status, _ = client.predict("A better", "looks right", api_name="/vote")
     assert "vote recorded" in status and (studio.workspace / "votes.jsonl").exists()
+    assert "workspace/votes.jsonl" in status and str(studio.workspace) not in status      # relative, short
     exported = client.predict(api_name="/export")
     assert exported
 
@@ -93,3 +94,12 @@ def test_a_blind_comparison_reveals_the_sides_at_the_vote_and_records_the_winner
     assert row["winner"] == row["sides"][0]["ref"]             # the side shown as A won
     board = client.predict(api_name="/votes_leaderboard")
     assert {"win rate (%)", "95% CI (%)", "BT strength"} <= set(board["headers"])
+
+
+def test_example_thumbnails_are_styled_to_show_the_whole_chart(app):
+    # gradio draws example images with object-fit: cover in a square, which crops wide charts
+    from studio.app import CSS
+
+    demo = app[0]
+    assert any(c.get("props", {}).get("elem_id") == "example-charts" for c in demo.config["components"])
+    assert "#example-charts img { object-fit: contain; }" in CSS
