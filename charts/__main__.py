@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +60,7 @@ def _run(args) -> int:
                 bar(done, total)
                 job.progress(done, total, f"charts {done}/{total}")
             manifest = cfg.generate(progress)
+            cfg.to_yaml(Path(cfg.out) / "generate_config.yaml")   # the copy saved with the dataset: rerun with --config
             for note in manifest["notes"]:
                 print(f"note: {note}", file=sys.stderr)
             c = manifest["counts"]

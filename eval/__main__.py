@@ -36,6 +36,8 @@ def _progress_bar(done: int, total: int, info: dict) -> None:
 def cmd_run(args) -> int:
     """Exit 0 when every sample of every model was scored; 1 when a model could not be opened, or when
     samples failed (missing image, backend error ...) unless --allow-errors; 2 for bad arguments or data."""
+    from pathlib import Path
+
     from charts.config import from_flags
     from charts.jobfile import run_job
     from eval.backends import opener
@@ -49,6 +51,7 @@ def cmd_run(args) -> int:
                 _progress_bar(done, total, info)
             job.progress(done, total, f"{info.get('model', '')} {done}/{total}")
         summaries = cfg.run(progress, opener(cfg.workspace, wire=cfg.wire or None))
+        cfg.to_yaml(Path(cfg.out) / "eval_config.yaml")       # the copy saved with the results: rerun with --config
         return _report_run(cfg, summaries)
     return run_job(args.job_file, body)
 

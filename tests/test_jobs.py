@@ -88,6 +88,9 @@ def test_generation_and_benchmark_jobs_report_progress_stop_and_survive_a_restar
     assert done["status"] == "completed", done.get("detail")
     assert done["progress"] == 100.0 and list((ws / "evals" / "b1").glob("*/summary.json"))
     assert (Path(done["config"]).parent / "config.yaml").is_file()          # the saved job record's config
+    saved = EvalConfig.from_yaml(ws / "evals" / "b1" / "eval_config.yaml")     # and the copy beside the results
+    assert saved.limit == 4 and saved.model == [f"local:{demo_model}"]
+    assert GenerateConfig.from_yaml(ws / "datasets" / "small" / "generate_config.yaml").n == 6
 
     # a long generation, stopped once it has drawn a few charts
     out = ws / "datasets" / "big"
