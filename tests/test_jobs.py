@@ -151,3 +151,12 @@ def test_a_stopped_benchmark_job_leaves_its_resumable_samples_and_no_summary(dem
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert 4 <= len(rows) < 400                      # whole lines only: a rerun resumes from them
     assert json.loads(Path(job["job_file"]).read_text())["status"] == "stopped"
+
+
+def test_a_benchmark_job_on_missing_data_is_failed_with_the_reason(tmp_path):
+    from training.launchers import describe
+
+    launcher = LocalLauncher(tmp_path)
+    job = launcher.start(EvalConfig(data=str(tmp_path / "nowhere"), model=["local:m"], out=str(tmp_path / "e")))
+    done = _wait(lambda: (s := launcher.status(job))["status"] != "running" and s)
+    assert done["status"] == "failed" and "nowhere" in describe(done)
