@@ -1,6 +1,7 @@
 """Command line for the charts package.
 
     python -m charts generate --out workspace/datasets/charts --n 2000 --seed 0 --workers 2 --instruct-share 0.5
+    python -m charts generate --config gen.yaml [--n 50]          # a GenerateConfig YAML; flags override it
     python -m charts validate workspace/datasets/charts
     python -m charts export workspace/datasets/charts --format hf --out workspace/exports/charts-hf
 """
@@ -8,41 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+from pathlib import Path
 
 
 def parser() -> argparse.ArgumentParser:
-    from .paraphrase import DEFAULT_MODEL
-    from .questions import FAMILIES
-    from .spec import KINDS
+    from .config import GenerateConfig, add_flags
     p = argparse.ArgumentParser(prog="python -m charts", description="Synthetic chart-QA datasets.")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="render charts and their questions into a dataset folder")
-    g.add_argument("--out", required=True, help="dataset folder, e.g. workspace/datasets/NAME")
-    g.add_argument("--n", type=int, default=2000, help="number of charts (images)")
-    g.add_argument("--kinds", type=_csv, default=list(KINDS), help=f"comma list from: {','.join(KINDS)}")
-    g.add_argument("--families", type=_csv, default=list(FAMILIES), help=f"comma list from: {','.join(FAMILIES)}")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions (by image)")
-    g.add_argument("--workers", type=int, default=2, help="rendering processes")
-    g.add_argument("--qa-per-chart", type=int, default=3, help="questions kept per chart")
-    g.add_argument("--multi-turn", action="store_true", help="one multi-turn record per image")
-    g.add_argument("--instruct-share", type=float, default=0.5,
-                   help="share of train/val questions ending with the short-answer instruction the "
-                        "benchmark runner appends (0 to 1; test questions stay bare)")
-    g.add_argument("--paraphrase", action="store_true", help="reword questions through Amazon Bedrock")
-    g.add_argument("--bedrock-model", default=DEFAULT_MODEL, help="Bedrock model or inference profile id")
-    g.add_argument("--bedrock-region", default=None)
-    g.add_argument("--overwrite", action="store_true", help="replace a dataset made with other settings")
-    g.add_argument("--look", default="default", help="how charts are drawn: default, or demo / demo-easy "
-                                                     "(square 384 px, large type: the demo model's charts)")
+    add_flags(g, GenerateConfig)        # one flag per GenerateConfig field, plus --config
+    g.add_argument("--job-file", help="keep this JSON file up to date with progress and outcome (background jobs)")
 
     v = sub.add_parser("validate", help="check a LLaVA-format dataset folder, .jsonl or .json")
     v.add_argument("path")
@@ -67,22 +46,28 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     if args.command == "generate":
-        from .dataset import generate, progress_bar
-        # a stopped job gets SIGTERM: end like Ctrl-C, so the worker pool is shut down on the way out
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-        split = [float(x) for x in args.split.split(",")]
-        t0 = time.time()
-        manifest = generate(args.n, args.kinds, args.seed, args.out, args.workers, progress_bar(),
-                            families=args.families, split=split, multi_turn=args.multi_turn,
-                            qa_per_chart=args.qa_per_chart, paraphrase=args.paraphrase,
-                            bedrock_model=args.bedrock_model, bedrock_region=args.bedrock_region,
-                            instruct_share=args.instruct_share, overwrite=args.overwrite, look=args.look)
-        for note in manifest["notes"]:
-            print(f"note: {note}", file=sys.stderr)
-        c = manifest["counts"]
-        print(f"{args.out}: {c['charts']} charts, records {c['records']}, questions {c['questions']} "
-              f"in {time.time() - t0:.1f}s")
-        return 0
+        from .config import GenerateConfig, from_flags
+        from .dataset import progress_bar
+        from .jobfile import run_job
+
+        bar = progress_bar()
+
+        def body(job) -> int:
+            t0 = time.time()
+            cfg = from_flags(GenerateConfig, args)
+
+            def progress(done, total):
+                bar(done, total)
+                job.progress(done, total, f"charts {done}/{total}")
+            manifest = cfg.generate(progress)
+            cfg.to_yaml(Path(cfg.out) / "generate_config.yaml")   # the copy saved with the dataset: rerun with --config
+            for note in manifest["notes"]:
+                print(f"note: {note}", file=sys.stderr)
+            c = manifest["counts"]
+            print(f"{cfg.out}: {c['charts']} charts, records {c['records']}, questions {c['questions']} "
+                  f"in {time.time() - t0:.1f}s")
+            return 0
+        return run_job(args.job_file, body)
     if args.command == "validate":
         from .validate import validate
         report = validate(args.path)

@@ -2,6 +2,7 @@
 
     python -m eval run --data workspace/datasets/demo --split test --model local:workspace/models/demo-llava \
         --out workspace/evals/demo [--limit 100]
+    python -m eval run --config eval.yaml [--limit 10]           # an EvalConfig YAML; flags override it
     python -m eval run --data "ChartQA Dataset/test" --model openai:http://localhost:8000/v1#llava --out evals/chartqa
     python -m eval compare workspace/evals/demo/demo-llava workspace/evals/demo/demo-llava+r1-adapter --out paired.json
     python -m eval side-by-side --image assets/examples/pie.png --question "Which mode of transport has the highest share?" \
@@ -35,27 +36,41 @@ def _progress_bar(done: int, total: int, info: dict) -> None:
 def cmd_run(args) -> int:
     """Exit 0 when every sample of every model was scored; 1 when a model could not be opened, or when
     samples failed (missing image, backend error ...) unless --allow-errors; 2 for bad arguments or data."""
+    from pathlib import Path
+
+    from charts.config import from_flags
+    from charts.jobfile import run_job
     from eval.backends import opener
-    from eval.run import run_eval
-    summaries = run_eval(args.data, args.model, args.out, split=args.split, images=args.images, limit=args.limit,
-                         prompt_suffix=args.prompt_suffix, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size, concurrency=args.concurrency, metrics=tuple(args.metrics),
-                         on_progress=None if args.quiet else _progress_bar,
-                         open_backend=opener(args.workspace, wire=args.wire))
-    print(format_table(summaries, list(args.metrics)))
-    print(f"written to {args.out}")
+    from eval.config import EvalConfig
+
+    def body(job) -> int:
+        cfg = from_flags(EvalConfig, args)
+
+        def progress(done, total, info):
+            if not args.quiet:
+                _progress_bar(done, total, info)
+            job.progress(done, total, f"{info.get('model', '')} {done}/{total}")
+        summaries = cfg.run(progress, opener(cfg.workspace, wire=cfg.wire or None))
+        cfg.to_yaml(Path(cfg.out) / "eval_config.yaml")       # the copy saved with the results: rerun with --config
+        return _report_run(cfg, summaries)
+    return run_job(args.job_file, body)
+
+
+def _report_run(cfg, summaries: list[dict]) -> int:
+    print(format_table(summaries, list(cfg.metrics)))
+    print(f"written to {cfg.out}")
     failed = False
     for s in summaries:
         if s.get("failed"):
             print(f"error: model {s['slug']} ({s['model']}) {s['failed']}", file=sys.stderr)
             failed = True
         elif s["n_errors"]:
-            first = next(r for r in _error_rows(args.out, s["slug"]))
-            level = "warning" if args.allow_errors else "error"
+            first = next(r for r in _error_rows(cfg.out, s["slug"]))
+            level = "warning" if cfg.allow_errors else "error"
             print(f"{level}: {s['slug']}: {s['n_errors']} of {s['n']} samples failed and are scored wrong "
                   f"(first: {first['id']}: {first['error']}); see {s['slug']}/samples.jsonl"
-                  + ("" if args.allow_errors else "; --allow-errors accepts them"), file=sys.stderr)
-            failed = failed or not args.allow_errors
+                  + ("" if cfg.allow_errors else "; --allow-errors accepts them"), file=sys.stderr)
+            failed = failed or not cfg.allow_errors
     return 1 if failed else 0
 
 
@@ -168,34 +183,16 @@ def cmd_demo_model(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eval.metrics import DEFAULT_METRICS, METRICS
-    from eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX
+    from charts.config import add_flags
+    from eval.config import EvalConfig
 
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="score models on a question set")
-    run.add_argument("--data", required=True, help="dataset folder, ChartQA-style JSON/JSONL (or ChartQA's test "
-                                                   "folder), or a LLaVA-format file")
-    run.add_argument("--split", help="test / val / train for our datasets; human / augmented for ChartQA")
-    run.add_argument("--images", help="image folder for ChartQA-style files (default: png/ beside the file)")
-    run.add_argument("--model", action="append", required=True,
-                     help="local:PATH, local:PATH+ADAPTER, sagemaker:ENDPOINT, openai:URL#MODEL (repeatable; "
-                          "the first is the baseline of reports)")
-    run.add_argument("--out", required=True, help="output folder, e.g. workspace/evals/NAME")
-    run.add_argument("--limit", type=int, help="first N questions only")
-    run.add_argument("--prompt-suffix", default=DEFAULT_SUFFIX, help="appended to each question (default: %(default)r)")
-    run.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    run.add_argument("--batch-size", type=int, help="requests per generate call (default: the backend's max_batch "
-                                                    "for local models, 1 for endpoints)")
-    run.add_argument("--concurrency", type=int, help="requests in flight for endpoints (default 4)")
-    run.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), choices=sorted(METRICS))
-    run.add_argument("--allow-errors", action="store_true",
-                     help="exit 0 even when samples failed (they are scored wrong and counted in n_errors)")
+    add_flags(run, EvalConfig)              # one flag per EvalConfig field, plus --config
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--workspace", default="workspace", help="its endpoints.json gives deployed endpoints' wire")
-    run.add_argument("--wire", choices=("seed", "openai"), help="wire format of sagemaker: endpoints deployed "
-                     "elsewhere (default: as recorded in endpoints.json, else seed)")
+    run.add_argument("--job-file", help="keep this JSON file up to date with progress and outcome (background jobs)")
     run.set_defaults(func=cmd_run)
 
     compare = sub.add_parser("compare", help="paired statistics of two finished benchmark runs on the same questions "

@@ -133,6 +133,16 @@ def shipped_demo_model(path: str | Path = SHIPPED_MODEL) -> Path | None:
     return path if complete else None
 
 
+DEMO_NAME = "demo-llava"
+
+
+def is_demo_model(ref: str | Path) -> bool:
+    """Whether a base (a path or a `local:` ref, with or without `+adapter`) is the demo model: the folder that
+    ensure_demo_model builds and training/pretrain.py exports is always named demo-llava."""
+    base = str(ref).removeprefix("local:").split("+", 1)[0].rstrip("/")
+    return Path(base).name == DEMO_NAME
+
+
 def ensure_demo_model(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").exists():

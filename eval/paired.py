@@ -1,4 +1,5 @@
-"""Paired comparison of two runs on the same questions (base vs fine-tuned).
+"""Paired comparison of two runs on the same questions (base vs fine-tuned), and the per-sample browser of an
+eval folder that the Benchmark tab shows (`sample_pairs`, `opening_outcome`).
 
 Two averages hide which questions moved. Matching by id gives per-sample fixed / regressed lists, a
 paired bootstrap CI of the accuracy difference and McNemar's exact test on the discordant pairs.
@@ -10,6 +11,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from charts.io import read_jsonl
+from eval.run import read_runs
 
 GROUPS = {"by_family": "family", "by_chart_type": "chart_type", "by_split": "split"}
 
@@ -119,3 +121,43 @@ def format_paired(result: dict) -> str:
         lines.append(key[3:].replace("_", " ") + ": " + ", ".join(
             f"{k} {v['delta']:+.1f} (+{v['fixed']}/-{v['regressed']})" for k, v in result[key].items()))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the per-sample browser of an eval folder
+# outcome as a person picks it -> the key of compare_runs()["ids"] (None: every sample)
+OUTCOMES = {"regressed": "regressed", "fixed": "fixed", "both wrong": "both_wrong", "both right": "both_right",
+            "all": None}
+
+
+def sample_pairs(eval_dir: str, slug_b: str | None, outcome: str) -> tuple[list[tuple[dict, dict | None]], str]:
+    """(baseline row, other row) pairs of one outcome, and a paired-statistics line."""
+    runs = read_runs(eval_dir)
+    if not runs:
+        return [], "no finished runs in this eval"
+    base_dir = runs[0][0]
+    rows_a = list(read_jsonl(base_dir / "samples.jsonl"))
+    other = next((d for d, s in runs[1:] if s["slug"] == slug_b), None)
+    if other is None:
+        keep = [r for r in rows_a if outcome == "all" or (outcome == "both wrong" and r["relaxed_ref"] < 0.5)
+                or (outcome == "both right" and r["relaxed_ref"] >= 0.5)]
+        return [(r, None) for r in keep], f"one model only ({runs[0][1]['slug']}): no paired diff"
+    pair = compare_runs(base_dir, other, n_boot=1000)
+    rows_b = {r["id"]: r for r in read_jsonl(other / "samples.jsonl")}
+    ids = set(pair["ids"][OUTCOMES[outcome]]) if OUTCOMES[outcome] else None
+    pairs = [(r, rows_b[r["id"]]) for r in rows_a if ids is None or r["id"] in ids]
+    line = (f"**{pair['metric']}**: {runs[0][1]['slug']} {pair['a']:.1f} → {slug_b} {pair['b']:.1f} "
+            f"(**{pair['delta']:+.1f}**, 95% CI {pair['ci95'][0]:+.1f}..{pair['ci95'][1]:+.1f}, McNemar p "
+            f"{pair['mcnemar_p']:.3g}) · fixed {pair['fixed']} · regressed {pair['regressed']} · "
+            f"both right {pair['both_right']} · both wrong {pair['both_wrong']}")
+    return pairs, line
+
+
+def opening_outcome(eval_dir: str | None, slug_b: str | None) -> str:
+    """"fixed" when the compared model fixed any sample (what a fine-tune demo is about), else "regressed"."""
+    runs = read_runs(eval_dir) if eval_dir else []
+    other = next((d for d, s in runs[1:] if s["slug"] == slug_b), None)
+    if other is None:
+        return "regressed"
+    wrong_a = {r["id"] for r in read_jsonl(runs[0][0] / "samples.jsonl") if r["relaxed_ref"] < 0.5}
+    fixed = any(r["id"] in wrong_a and r["relaxed_ref"] >= 0.5 for r in read_jsonl(other / "samples.jsonl"))
+    return "fixed" if fixed else "regressed"

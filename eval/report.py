@@ -240,6 +240,13 @@ def render_html(data: dict, metric: str = "relaxed_ref") -> str:
     return "\n".join(out)
 
 
+def list_evals(evals_dir: str | Path) -> list[Path]:
+    """Eval folders under `evals_dir` (= workspace/evals) with at least one finished model run, newest first."""
+    root = Path(evals_dir)
+    found = {p.parent.parent for p in root.glob("*/*/summary.json")} if root.is_dir() else set()
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
 def leaderboard_rows(evals_dir: str | Path) -> list[dict]:
     """One row per finished model run under `evals_dir` (= workspace/evals), newest first."""
     rows = []

@@ -10,6 +10,7 @@ from charts import list_datasets
 from eval.display import short_name
 from studio import benchmark_tab, charts_tab, compare_tab, finetune_tab
 from studio.context import Studio
+from training.launchers import compare_refs
 
 CSS = """
 .answer textarea { font-size: 1.05rem; }
@@ -46,7 +47,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         # "Compare this checkpoint": the job's base on side A, base + its adapter on side B, and switch tabs.
         def open_in_compare(job_id):
             try:
-                side_a, side_b = finetune_tab.compare_refs(studio.workspace, job_id)
+                side_a, side_b = compare_refs(studio.workspace, job_id)
             except ValueError as e:
                 raise gr.Error(str(e))
             fresh = compare_tab.side_choices(studio, "local")    # this run may be newer than the page
@@ -54,7 +55,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                     gr.Dropdown(choices=fresh, value=side_b))
 
         # every tab reads the workspace on page load, so a reload shows what other tabs and the CLI made
-        charts_load = [(lambda: gr.Dropdown(choices=list_datasets(studio.workspace)), None, charts_parts["dataset"])]
+        charts_load = [(lambda: gr.Dropdown(choices=list_datasets(studio.workspace)), None, charts_parts["dataset"]),
+                       *charts_parts["on_load"]]
         for steps in (compare["on_load"], charts_load, benchmark["on_load"], finetune["on_load"]):
             event = None
             for fn, inputs, outputs in steps:

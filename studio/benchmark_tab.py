@@ -1,8 +1,9 @@
 """Benchmark tab: score models on a dataset split, see the leaderboard, per-family / per-kind bars,
 browse base vs fine-tuned per sample (fixed / regressed / both wrong), export CSV / JSON / HTML.
 
-Everything it shows is read from workspace/evals/, written by the same `eval.run.run_eval` that
-`python -m eval run` calls; a run from the command line appears here after "Refresh".
+"Run benchmark" starts a job (`python -m eval run` in the background, from an EvalConfig; it survives a
+reload and a studio restart, and "Stop benchmark" ends it). Everything the tab shows is read from
+workspace/evals/, so a run from the command line appears here too; a timer reloads the lists when a job ends.
 """
 from __future__ import annotations
 
@@ -13,21 +14,19 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from charts.io import inside, read_jsonl
+from charts import list_datasets
+from charts.io import inside
 from eval import compare
-from eval.backends import opener
 from eval.endpoints import WIRES
 from eval.images import ImageError, load_image
-from eval.paired import compare_runs
+from eval.paired import OUTCOMES, opening_outcome, sample_pairs
 from eval.display import rounded, short_name
-from eval.report import bar_chart, leaderboard_rows, write_reports
-from eval.run import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUFFIX, DatasetError, RunMismatch, named_eval_dir,
-                      new_eval_dir, read_runs, run_eval)
+from eval.report import bar_chart, leaderboard_rows, list_evals, write_reports
+from eval.config import SPLITS, EvalConfig
+from eval.run import named_eval_dir, new_eval_dir, read_runs
 from studio.context import Studio
+from training.launchers import LocalLauncher, describe, newest
 
-SPLITS = ["test", "val", "train", "human", "augmented", "all"]
-OUTCOMES = {"regressed": "regressed", "fixed": "fixed", "both wrong": "both_wrong", "both right": "both_right",
-            "all": None}
 # scores first and the full model ref last, so a narrow table still shows who scored what
 BOARD_COLUMNS = ["model", "relaxed_ref", "relaxed_norm", "exact", "anls", "n", "n_errors", "eval", "dataset", "split",
                  "date", "model ref"]
@@ -35,8 +34,7 @@ BOARD_COLUMNS = ["model", "relaxed_ref", "relaxed_norm", "exact", "anls", "n", "
 
 # ---------------------------------------------------------------- what the workspace offers
 def dataset_choices(studio: Studio) -> list[tuple[str, str]]:
-    root = studio.path("datasets")
-    return [(p.name, str(p)) for p in sorted(root.glob("*")) if p.is_dir()] if root.is_dir() else []
+    return [(name, str(studio.path("datasets", name))) for name in list_datasets(studio.workspace)]
 
 
 def model_choices(studio: Studio) -> list[str]:
@@ -45,9 +43,7 @@ def model_choices(studio: Studio) -> list[str]:
 
 
 def eval_choices(studio: Studio) -> list[str]:
-    root = studio.path("evals")
-    found = {p.parent.parent for p in root.glob("*/*/summary.json")} if root.is_dir() else set()
-    return [(p.name, str(p)) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return [(p.name, str(p)) for p in list_evals(studio.path("evals"))]
 
 
 def leaderboard(studio: Studio) -> pd.DataFrame:
@@ -57,40 +53,6 @@ def leaderboard(studio: Studio) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- per-sample browser
-def browse(eval_dir: str, slug_b: str | None, outcome: str) -> tuple[list[tuple[dict, dict | None]], str]:
-    """(baseline row, other row) pairs of one outcome, and a paired-statistics line."""
-    runs = read_runs(eval_dir)
-    if not runs:
-        return [], "no finished runs in this eval"
-    base_dir = runs[0][0]
-    rows_a = list(read_jsonl(base_dir / "samples.jsonl"))
-    other = next((d for d, s in runs[1:] if s["slug"] == slug_b), None)
-    if other is None:
-        keep = [r for r in rows_a if outcome == "all" or (outcome == "both wrong" and r["relaxed_ref"] < 0.5)
-                or (outcome == "both right" and r["relaxed_ref"] >= 0.5)]
-        return [(r, None) for r in keep], f"one model only ({runs[0][1]['slug']}): no paired diff"
-    pair = compare_runs(base_dir, other, n_boot=1000)
-    rows_b = {r["id"]: r for r in read_jsonl(other / "samples.jsonl")}
-    ids = set(pair["ids"][OUTCOMES[outcome]]) if OUTCOMES[outcome] else None
-    pairs = [(r, rows_b[r["id"]]) for r in rows_a if ids is None or r["id"] in ids]
-    line = (f"**{pair['metric']}**: {runs[0][1]['slug']} {pair['a']:.1f} → {slug_b} {pair['b']:.1f} "
-            f"(**{pair['delta']:+.1f}**, 95% CI {pair['ci95'][0]:+.1f}..{pair['ci95'][1]:+.1f}, McNemar p "
-            f"{pair['mcnemar_p']:.3g}) · fixed {pair['fixed']} · regressed {pair['regressed']} · "
-            f"both right {pair['both_right']} · both wrong {pair['both_wrong']}")
-    return pairs, line
-
-
-def opening_outcome(eval_dir: str | None, slug_b: str | None) -> str:
-    """"fixed" when the compared model fixed any sample (what a fine-tune demo is about), else "regressed"."""
-    runs = read_runs(eval_dir) if eval_dir else []
-    other = next((d for d, s in runs[1:] if s["slug"] == slug_b), None)
-    if other is None:
-        return "regressed"
-    wrong_a = {r["id"] for r in read_jsonl(runs[0][0] / "samples.jsonl") if r["relaxed_ref"] < 0.5}
-    fixed = any(r["id"] in wrong_a and r["relaxed_ref"] >= 0.5 for r in read_jsonl(other / "samples.jsonl"))
-    return "fixed" if fixed else "regressed"
-
-
 def _show(pairs: list, index: int):
     if not pairs:
         return None, "*no samples with this outcome*", "", ""
@@ -107,12 +69,12 @@ def _show(pairs: list, index: int):
 
 
 # ---------------------------------------------------------------- callbacks
-def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, progress=gr.Progress(), wire="recorded"):
+def _start(studio, dataset, split, limit, name, models, suffix, max_new_tokens, wire="recorded"):
+    """Start the benchmark as a job (`python -m eval run` in the background); returns its status line."""
     try:     # a typed dataset path must lie in the workspace, like every path from the browser
         dataset = str(inside(studio.workspace, dataset)) if dataset else dataset
     except ValueError as e:
         raise gr.Error(str(e))
-
     if not dataset or not models:
         raise gr.Error("pick a dataset and at least one model")
     try:   # a typed name is one folder under workspace/evals (reused to resume); an automatic one is new
@@ -120,22 +82,32 @@ def _run(studio, dataset, split, limit, name, models, suffix, max_new_tokens, pr
             new_eval_dir(studio.path("evals"), f"{Path(dataset).stem}-{split}-{datetime.now():%Y%m%d-%H%M%S}")
     except ValueError as e:
         raise gr.Error(str(e))
-    name = out.name
-    report = lambda done, total, info: progress(done / max(1, total), desc=f"{info['model']} {done}/{total}")  # noqa: E731
     try:
-        summaries = run_eval(dataset, list(models), out, split=None if split == "all" else split,
-                             limit=int(limit) or None, prompt_suffix=suffix, max_new_tokens=int(max_new_tokens),
-                             on_progress=report, open_backend=opener(studio.workspace, None if wire == "recorded" else wire,
-                                                                     studio.pool, studio.local_options()))
-    except (DatasetError, RunMismatch, ValueError, FileNotFoundError) as e:
+        cfg = EvalConfig(data=dataset, model=list(models), out=str(out), split=split, limit=int(limit or 0),
+                         prompt_suffix=suffix, max_new_tokens=int(max_new_tokens), workspace=str(studio.workspace),
+                         wire="" if wire == "recorded" else wire)
+        job = LocalLauncher(studio.workspace).start(cfg)
+    except ValueError as e:
         if out.is_dir() and not any(out.iterdir()):   # refused before it wrote anything: leave no empty folder
             out.rmdir()
         raise gr.Error(str(e))
-    lines = [f"- `{s['slug']}`: **{s['failed']}**" if s.get("failed") else
-             f"- `{s['slug']}`: relaxed {s['overall']['relaxed_ref']:.1f} (normalized "
-             f"{s['overall']['relaxed_norm']:.1f}), n {s['n']}"
-             + (f", **{s['n_errors']} failed samples scored wrong**" if s["n_errors"] else "") for s in summaries]
-    return f"Finished **{name}**\n" + "\n".join(lines), gr.Dropdown(choices=eval_choices(studio), value=str(out))
+    return job_status(job)
+
+
+def job_status(job: dict | None) -> str:
+    """The benchmark job's line: progress while it runs; when it finished, each model's score."""
+    if not job:
+        return ""
+    line = f"Benchmark job {describe(job)}"
+    if job.get("status") != "completed":
+        return line
+    runs = read_runs(job["output_dir"])
+    return (f"Finished **{Path(job['output_dir']).name}** ({job['short']})\n" +
+            "\n".join(f"- `{s['slug']}`: **{s['failed']}**" if s.get("failed") else
+                      f"- `{s['slug']}`: relaxed {s['overall']['relaxed_ref']:.1f} (normalized "
+                      f"{s['overall']['relaxed_norm']:.1f}), n {s['n']}"
+                      + (f", **{s['n_errors']} failed samples scored wrong**" if s["n_errors"] else "")
+                      for _, s in runs))
 
 
 def _select_eval(eval_dir):
@@ -150,7 +122,7 @@ def _select_eval(eval_dir):
 
 
 def _browse(eval_dir, slug_b, outcome):
-    pairs, line = browse(eval_dir, slug_b, outcome) if eval_dir else ([], "")
+    pairs, line = sample_pairs(eval_dir, slug_b, outcome) if eval_dir else ([], "")
     return pairs, line, gr.Slider(minimum=0, maximum=max(1, len(pairs) - 1), value=0, step=1), *_show(pairs, 0)
 
 
@@ -166,11 +138,11 @@ def build(studio: Studio) -> dict:
     models_now = model_choices(studio)
     datasets_now = dataset_choices(studio)
     evals_now = eval_choices(studio)
-    newest = [s for _, s in read_runs(evals_now[0][1])] if evals_now else []   # shown right away
+    newest_runs = [s for _, s in read_runs(evals_now[0][1])] if evals_now else []   # shown right away
     with gr.Row():
         dataset = gr.Dropdown(datasets_now, value=datasets_now[0][1] if datasets_now else None, allow_custom_value=True,
                               label="Dataset (workspace/datasets, or a path to a ChartQA-style / LLaVA file)", scale=3)
-        split = gr.Dropdown(SPLITS, value="test", label="Split", scale=1)
+        split = gr.Dropdown(list(SPLITS), value="test", label="Split", scale=1)
         limit = gr.Number(value=100, precision=0, minimum=0, label="Limit (0 = all)", scale=1)
         name = gr.Textbox(label="Eval name", placeholder="automatic: dataset-split-time", scale=2)
     with gr.Row():
@@ -180,22 +152,29 @@ def build(studio: Studio) -> dict:
         refresh = gr.Button("Refresh lists", size="sm", scale=1)
     with gr.Accordion("Prompt and generation (recorded with the results)", open=False):
         with gr.Row():
-            suffix = gr.Textbox(DEFAULT_SUFFIX, label="Prompt suffix (appended to each question)", scale=4)
-            max_new_tokens = gr.Number(DEFAULT_MAX_NEW_TOKENS, precision=0, minimum=1, label="max_new_tokens", scale=1)
+            suffix = gr.Textbox(EvalConfig().prompt_suffix, label="Prompt suffix (appended to each question)", scale=4,
+                                info=EvalConfig.help("prompt_suffix"))
+            max_new_tokens = gr.Number(EvalConfig().max_new_tokens, precision=0, minimum=1, label="max_new_tokens",
+                                       scale=1, info=EvalConfig.help("max_new_tokens"))
             wire = gr.Dropdown(["recorded", *WIRES], value="recorded", label="Endpoint wire", scale=1,
                                info="sagemaker models: as recorded at deploy, or the format of one deployed elsewhere")
-    run = gr.Button("Run benchmark", variant="primary")
+    with gr.Row():
+        run = gr.Button("Run benchmark", variant="primary", scale=3)
+        stop = gr.Button("Stop benchmark", variant="stop", scale=1)
     status = gr.Markdown()
+    seen = gr.State(None)            # (job id, status) last shown: the leaderboard reloads when a job ends
+    timer = gr.Timer(2.0)
     board = gr.Dataframe(leaderboard(studio), label="Leaderboard (workspace/evals)", interactive=False)
     with gr.Row():
         eval_dir = gr.Dropdown(evals_now, value=evals_now[0][1] if evals_now else None, allow_custom_value=False,
                                label="Eval run", scale=4)     # only workspace/evals: a typed folder could be anywhere
-        others = [s["slug"] for s in newest[1:]]
+        others = [s["slug"] for s in newest_runs[1:]]
         model_b = gr.Dropdown(others, value=others[-1] if others else None, label="Compare against the baseline",
                               scale=2)
     with gr.Row():
-        family_plot = gr.Plot(bar_chart(newest, "by_family") if newest else None, label="relaxed accuracy per family")
-        kind_plot = gr.Plot(bar_chart(newest, "by_chart_type") if newest else None,
+        family_plot = gr.Plot(bar_chart(newest_runs, "by_family") if newest_runs else None,
+                              label="relaxed accuracy per family")
+        kind_plot = gr.Plot(bar_chart(newest_runs, "by_chart_type") if newest_runs else None,
                             label="relaxed accuracy per chart kind")
     paired = gr.Markdown()
     with gr.Row():
@@ -215,8 +194,29 @@ def build(studio: Studio) -> dict:
         html_file = gr.DownloadButton("HTML", value=None)
     pairs = gr.State([])
 
-    def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, wire_, progress=gr.Progress()):
-        return _run(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, progress, wire_)
+    def on_run(dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, wire_):
+        return _start(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, wire_)
+
+    def on_stop():
+        job = newest(studio.workspace, "bench")
+        if job and job["status"] == "running":
+            job = LocalLauncher(studio.workspace).stop(job)
+        return job_status(job)
+
+    def watch(last):
+        """Every tick: the newest benchmark job's line; when it has just ended, the lists it changed."""
+        job = newest(studio.workspace, "bench")
+        key = (job["id"], job["status"]) if job else None
+        if key == last or not job or job["status"] == "running":
+            return job_status(job), gr.update(), gr.update(), key
+        evals = eval_choices(studio)
+        mine = [v for _, v in evals if Path(v).resolve() == Path(job["output_dir"]).resolve()]
+        return (job_status(job), leaderboard(studio),
+                gr.Dropdown(choices=evals, **({"value": mine[0]} if mine else {})), key)
+
+    def seen_now():
+        job = newest(studio.workspace, "bench")
+        return (job["id"], job["status"]) if job else None
 
     def lists(newest_eval: bool = False):
         evals = eval_choices(studio)
@@ -227,8 +227,9 @@ def build(studio: Studio) -> dict:
     # ---- wiring
     refresh.click(lists, outputs=[dataset, models, board, eval_dir])
     run.click(on_run, inputs=[dataset, split, limit, name, models, suffix, max_new_tokens, wire],
-              outputs=[status, eval_dir],
-              api_name="benchmark_run").then(lambda: leaderboard(studio), outputs=board)
+              outputs=status, api_name="benchmark_run")
+    stop.click(on_stop, outputs=status)
+    timer.tick(watch, inputs=seen, outputs=[status, board, eval_dir, seen])
     browse_outputs = [pairs, paired, index, image, question, answer_a, answer_b]
     eval_dir.change(_select_eval, inputs=eval_dir, outputs=[family_plot, kind_plot, model_b, outcome]
                     ).then(_browse, inputs=[eval_dir, model_b, outcome], outputs=browse_outputs)
@@ -238,10 +239,11 @@ def build(studio: Studio) -> dict:
     export.click(_export, inputs=eval_dir, outputs=[csv_file, json_file, html_file], api_name="benchmark_export")
     # on page load (studio/app.py): the workspace as it is now, the newest eval with its plots and samples
     on_load = [(lambda: lists(newest_eval=True), None, [dataset, models, board, eval_dir]),
+               (seen_now, None, seen),
                (_select_eval, eval_dir, [family_plot, kind_plot, model_b, outcome]),
                (_browse, [eval_dir, model_b, outcome], browse_outputs)]
     return {"on_load": on_load, "dataset": dataset, "split": split, "limit": limit, "name": name, "models": models,
-            "run": run,
+            "run": run, "stop": stop, "timer": timer,
             "status": status, "leaderboard": board, "eval_dir": eval_dir, "model_b": model_b, "outcome": outcome,
             "index": index, "image": image, "question": question, "answer_a": answer_a, "answer_b": answer_b,
             "paired": paired, "family_plot": family_plot, "kind_plot": kind_plot, "export": export,

@@ -1,17 +1,23 @@
 """Charts tab: generate a chart-QA dataset, browse it, validate any LLaVA dataset, export it.
 
-Every callback calls one function of the `charts` package and formats its result.
+"Generate" starts a job (`python -m charts generate` in the background, from a GenerateConfig; it survives a
+reload and a studio restart, and "Stop generation" ends it); the dataset opens when the job ends. Every other
+callback calls one function of the `charts` package and formats its result.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+from pathlib import Path
 
 import gradio as gr
 
 import charts
+from charts.config import GenerateConfig
 from charts.io import inside
 from studio.context import Studio
+from training.launchers import LocalLauncher, describe, newest
 
 GALLERY_LIMIT = 60
 
@@ -46,19 +52,25 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         with gr.Column(scale=1):
             name = gr.Textbox("charts-demo", label="Dataset name", info="saved to WORKSPACE/datasets/NAME")
-            kinds = gr.CheckboxGroup(list(charts.KINDS), value=list(charts.KINDS), label="Chart kinds")
-            families = gr.CheckboxGroup(list(charts.FAMILIES), value=list(charts.FAMILIES), label="Question families")
+            d, h = GenerateConfig(out="-", n=200), GenerateConfig.help   # the form's defaults and help: the config's
+            kinds = gr.CheckboxGroup(list(charts.KINDS), value=d.kinds, label="Chart kinds")
+            families = gr.CheckboxGroup(list(charts.FAMILIES), value=d.families, label="Question families")
             with gr.Row():
-                count = gr.Number(200, label="Charts", precision=0, minimum=1, maximum=200_000)
-                seed = gr.Number(0, label="Seed", precision=0)
-                qa_per_chart = gr.Number(3, label="Questions per chart", precision=0, minimum=1, maximum=13)
-            split = gr.Textbox("0.8,0.1,0.1", label="Split train,val,test (by image)")
-            multi_turn = gr.Checkbox(False, label="Multi-turn: all questions of an image in one conversation")
-            instruct_share = gr.Slider(0, 1, value=0.5, step=0.05,
+                count = gr.Number(d.n, label="Charts", precision=0, minimum=1, maximum=200_000, info=h("n"))
+                seed = gr.Number(d.seed, label="Seed", precision=0, info=h("seed"))
+                qa_per_chart = gr.Number(d.qa_per_chart, label="Questions per chart", precision=0, minimum=1,
+                                         maximum=13, info=h("qa_per_chart"))
+            split = gr.Textbox(d.split, label="Split train,val,test (by image)", info=h("split"))
+            multi_turn = gr.Checkbox(d.multi_turn, label="Multi-turn: all questions of an image in one conversation")
+            instruct_share = gr.Slider(0, 1, value=d.instruct_share, step=0.05,
                                        label="Share of train/val questions with the short-answer instruction",
-                                       info="the benchmark appends it to every question; test questions stay bare")
-            generate_btn = gr.Button("Generate", variant="primary")
+                                       info=h("instruct_share"))
+            with gr.Row():
+                generate_btn = gr.Button("Generate", variant="primary", scale=3)
+                stop_btn = gr.Button("Stop generation", variant="stop", scale=1)
             status = gr.Markdown()
+            seen = gr.State(None)      # (job id, status) last shown: the dataset opens when its job ends
+            timer = gr.Timer(2.0)
         with gr.Column(scale=2):
             with gr.Row():
                 dataset = gr.Dropdown(datasets, value=datasets[-1] if datasets else None, label="Dataset",
@@ -84,29 +96,40 @@ def build(studio: Studio) -> dict:
             export_file = gr.File(label="Export (zip)", interactive=False)
     groups = gr.State(first_items)
 
-    def on_generate(name, kinds, families, count, seed, qa_per_chart, split, multi_turn, instruct_share,
-                    progress=gr.Progress()):
+    def on_generate(name, kinds, families, count, seed, qa_per_chart, split, multi_turn, instruct_share):
+        """Start the generation as a job (`python -m charts generate` in the background)."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name or ""):
             raise gr.Error("Dataset name: letters, digits, '-', '_' and '.' only.")
-        if not kinds or not families:   # an empty choice must not fall back to "all"
-            raise gr.Error(f"Tick at least one {'chart kind' if not kinds else 'question family'}.")
-        out = _dataset_dir(studio, name)
         n = int(count)
-        workers = 1 if n < 64 else min(4, os.cpu_count() or 1)
         try:
-            manifest = charts.generate(n, kinds, int(seed), out, workers,
-                                       lambda done, total: progress((done, total), desc="Rendering charts"),
-                                       families=families, split=[float(x) for x in split.split(",")],
-                                       multi_turn=multi_turn, qa_per_chart=int(qa_per_chart),
-                                       instruct_share=float(instruct_share))
-        except ValueError as e:
+            cfg = GenerateConfig(out=str(_dataset_dir(studio, name)), n=n, kinds=list(kinds), families=list(families),
+                                 seed=int(seed), split=split, qa_per_chart=int(qa_per_chart), multi_turn=multi_turn,
+                                 instruct_share=float(instruct_share),
+                                 workers=1 if n < 64 else min(4, os.cpu_count() or 1))
+            return job_status(LocalLauncher(studio.workspace).start(cfg))
+        except ValueError as e:     # an empty choice, a bad split ...: the config says which field
             raise gr.Error(str(e))
-        c = manifest["counts"]
-        text = (f"**{name}**: {c['charts']} charts in {manifest['seconds']:.1f}s · records {c['records']} · "
-                f"questions {c['questions']}" + "".join(f"\n\n⚠ {note}" for note in manifest["notes"]))
+
+    def on_stop():
+        job = newest(studio.workspace, "charts")
+        if job and job["status"] == "running":
+            job = LocalLauncher(studio.workspace).stop(job)
+        return job_status(job)
+
+    def watch(last):
+        """Every tick: the newest generation job's line; when it has just finished, its dataset opened."""
+        job = newest(studio.workspace, "charts")
+        key = (job["id"], job["status"]) if job else None
+        if key == last or not job or job["status"] != "completed":
+            return job_status(job), gr.update(), gr.update(), gr.update(), gr.update(), key
+        name = Path(job["output_dir"]).name
         shown, items = _gallery(studio, name)
-        return (text, gr.Dropdown(choices=charts.list_datasets(studio.workspace), value=name), shown, items,
-                charts.validate(out).to_text())
+        return (job_status(job), gr.Dropdown(choices=charts.list_datasets(studio.workspace), value=name), shown,
+                items, charts.validate(job["output_dir"]).to_text(), key)
+
+    def seen_now():
+        job = newest(studio.workspace, "charts")
+        return (job["id"], job["status"]) if job else None
 
     def on_dataset(name):
         shown, items = _gallery(studio, name)
@@ -141,11 +164,27 @@ def build(studio: Studio) -> dict:
 
     generate_btn.click(on_generate, [name, kinds, families, count, seed, qa_per_chart, split, multi_turn,
                                      instruct_share],
-                       [status, dataset, gallery, groups, report])
+                       status)
+    stop_btn.click(on_stop, None, status)
+    timer.tick(watch, seen, [status, dataset, gallery, groups, report, seen])
     dataset.change(on_dataset, dataset, [gallery, groups, qa_view])
     refresh_btn.click(lambda: gr.Dropdown(choices=charts.list_datasets(studio.workspace)), None, dataset)
     gallery.select(on_select, groups, qa_view)
     random_btn.click(on_random, dataset, [example_image, example_text])
     validate_btn.click(on_validate, [validate_path, dataset], report)
     export_btn.click(on_export, [dataset, export_format], export_file)
-    return {"dataset": dataset, "gallery": gallery, "generate": generate_btn, "report": report}
+    return {"dataset": dataset, "gallery": gallery, "generate": generate_btn, "stop": stop_btn, "report": report,
+            "on_load": [(seen_now, None, seen)]}
+
+
+def job_status(job: dict | None) -> str:
+    """The generation job's line: progress while it runs; the dataset's counts once it is written."""
+    if not job:
+        return ""
+    if job.get("status") != "completed":
+        return f"Generation job {describe(job)}"
+    manifest = json.loads((Path(job["output_dir"]) / "dataset.json").read_text(encoding="utf-8"))
+    c = manifest["counts"]
+    return (f"**{Path(job['output_dir']).name}**: {c['charts']} charts in {manifest['seconds']:.1f}s · records "
+            f"{c['records']} · questions {c['questions']} ({job['short']})"
+            + "".join(f"\n\n⚠ {note}" for note in manifest["notes"]))

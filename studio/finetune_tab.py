@@ -11,15 +11,18 @@ from pathlib import Path
 import gradio as gr
 
 from charts.io import inside
+from eval.demo import DEMO_NAME, is_demo_model
 from eval.display import pct, rounded
 from eval.report import training_chart
 from studio.context import Studio
 from training.config import PRESETS, TrainConfig, command, form_fields, preset
-from training.launchers import LocalLauncher, all_jobs, read_jobs, read_metrics
+from training.launchers import LocalLauncher, all_jobs, find_job, job_adapter, read_jobs, read_metrics
 from training.sagemaker import SageMakerLauncher, SageMakerSettings
 
-# scores beside the id; accuracy in percent like every accuracy of the studio
-JOB_COLUMNS = ["id", "status", "step", "loss", "eval_loss", "eval accuracy (%)", "kind", "mode", "created"]
+# every job of the workspace (fine-tunes, benchmarks, generations) by short name; scores beside it; accuracy in
+# percent like every accuracy of the studio; the full id last
+JOB_COLUMNS = ["job", "status", "progress (%)", "step", "loss", "eval_loss", "eval accuracy (%)", "task", "kind",
+               "created", "id"]
 FIELDS = form_fields()
 SKIPPED = {"output_dir"}          # chosen by the launcher (runs/NAME)
 
@@ -41,8 +44,8 @@ def _initial(studio: Studio, name: str, datasets: list[str]) -> TrainConfig:
     real base, which then wins."""
     overrides = {"data": str(studio.path("datasets", datasets[0]))} if datasets else {}
     if name == "demo-cpu":
-        overrides["model"] = str(studio.path("models", "demo-llava"))
-    elif "demo-llava" not in studio.base:
+        overrides["model"] = str(studio.path("models", DEMO_NAME))
+    elif not is_demo_model(studio.base):
         overrides["model"] = studio.base
     return preset(name, **overrides) if name in PRESETS else TrainConfig(**{"model": studio.base, **overrides})
 
@@ -58,20 +61,24 @@ def _settings(role, bucket, region, instance_type, count, spot, hours) -> SageMa
                              max_runtime_s=int(hours * 3600), max_wait_s=int(hours * 3600 * 1.5))
 
 
-def _jobs_table(workspace: Path):
+def _jobs_table(workspace: Path, remote: bool = True):
+    """Every job; `remote=False` (the timer) asks only local processes, not SageMaker, for a fresh status."""
     import pandas as pd
 
-    rows = all_jobs(workspace, refresh=True)
+    rows = all_jobs(workspace, refresh=True) if remote else \
+        [LocalLauncher(workspace).status(j) if j.get("kind") == "local" else j for j in all_jobs(workspace, False)]
     for r in rows:
         r["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("created", 0)))
         r["loss"], r["eval_loss"] = rounded(r.get("loss"), 3), rounded(r.get("eval_loss"), 3)
         r["eval accuracy (%)"] = pct(r.get("eval_relaxed_accuracy"))
+        r["job"], r["progress (%)"] = r.get("short"), r.get("progress")
     return pd.DataFrame([{c: r.get(c) for c in JOB_COLUMNS} for r in rows], columns=JOB_COLUMNS)
 
 
 def _curves(job: dict | None):
     """Loss beside eval accuracy for one job, every point marked (eval points are few)."""
-    return training_chart(read_metrics(job["output_dir"]) if job and job.get("output_dir") else [])
+    train = job and job.get("task", "train") == "train" and job.get("output_dir")
+    return training_chart(read_metrics(job["output_dir"]) if train else [])
 
 
 def build(studio: Studio) -> dict:
@@ -79,7 +86,7 @@ def build(studio: Studio) -> dict:
     names = [f["name"] for f in FIELDS if f["name"] not in SKIPPED]
     datasets = _datasets(workspace)
     # A CPU studio on the tiny model starts on the demo preset; a real base on the seed's QLoRA recipe.
-    first = "demo-cpu" if "demo-llava" in studio.base else "llava-1.5-7b-qlora"
+    first = "demo-cpu" if is_demo_model(studio.base) else "llava-1.5-7b-qlora"
     initial = _initial(studio, first, datasets)
     with gr.Row():
         preset_box = gr.Dropdown(["(defaults)"] + list(PRESETS), value=first, label="Preset")
@@ -116,9 +123,10 @@ def build(studio: Studio) -> dict:
             hours = gr.Number(value=24, label="Max runtime (hours)")
         with gr.Row():
             estimate_btn, launch_btn = gr.Button("Estimate cost"), gr.Button("Launch", variant="primary")
-    jobs = gr.Dataframe(_jobs_table(workspace), label="Jobs", interactive=False)
+    jobs = gr.Dataframe(_jobs_table(workspace), label="Jobs (fine-tunes, benchmarks, generations)",
+                        interactive=False)
     with gr.Row():
-        job_box = gr.Dropdown(list(read_jobs(workspace)), label="Job", allow_custom_value=True)
+        job_box = gr.Dropdown(_job_choices(workspace), label="Job", allow_custom_value=True)
         refresh_btn, stop_btn = gr.Button("Refresh"), gr.Button("Stop", variant="stop")
         resume_btn = gr.Button("Resume")
         compare_btn = gr.Button("Compare this checkpoint")
@@ -167,11 +175,11 @@ def build(studio: Studio) -> dict:
                    else SageMakerLauncher(workspace, _settings(*sm)).start(cfg, name or None))
         except Exception as e:           # config / AWS errors are for the user to fix: show them
             return f"# not launched: {e}", _jobs_table(workspace), gr.update()
-        return f"# launched {job['id']}", _jobs_table(workspace), gr.update(choices=list(read_jobs(workspace)),
-                                                                           value=job["id"])
+        return (f"# launched {job['id']} ({job['short']})", _jobs_table(workspace),
+                gr.update(choices=_job_choices(workspace), value=job["id"]))
 
     def watch(job_id, *sm):
-        job = read_jobs(workspace).get(job_id)
+        job = find_job(workspace, job_id or "")
         if not job:
             return _curves(None), "", ""
         launcher = _launcher(workspace, job, sm)
@@ -182,7 +190,7 @@ def build(studio: Studio) -> dict:
         return _curves(job), text, job_adapter(job)
 
     def stop(job_id, *sm):
-        job = read_jobs(workspace).get(job_id)
+        job = find_job(workspace, job_id or "")
         if job:
             _launcher(workspace, job, sm).stop(job)
         return _jobs_table(workspace)
@@ -190,7 +198,7 @@ def build(studio: Studio) -> dict:
     def resume(job_id):
         """A stopped or killed local job continues from its newest complete checkpoint, same run folder."""
         try:
-            job = LocalLauncher(workspace).resume(job_id or "")
+            job = LocalLauncher(workspace).resume((find_job(workspace, job_id or "") or {}).get("id", job_id or ""))
         except ValueError as e:
             return f"# not resumed: {e}", _jobs_table(workspace)
         return f"# resumed {job['id']}", _jobs_table(workspace)
@@ -205,7 +213,7 @@ def build(studio: Studio) -> dict:
     launch_btn.click(launch, [target, gpus, run_name] + sm_inputs + form, [cmd_out, jobs, job_box])
 
     def lists():     # jobs started elsewhere (CLI, another tab, before a reload) appear in the table and the picker
-        return (_jobs_table(workspace), gr.Dropdown(choices=list(read_jobs(workspace))),
+        return (_jobs_table(workspace), gr.Dropdown(choices=_job_choices(workspace)),
                 gr.Dropdown(choices=_datasets(workspace)))
 
     refresh_btn.click(lists, None, [jobs, job_box, dataset_box])
@@ -213,24 +221,11 @@ def build(studio: Studio) -> dict:
     resume_btn.click(resume, job_box, [cmd_out, jobs])
     job_box.change(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
     timer.tick(watch, [job_box] + sm_inputs, [plot, log, compare_adapter])
+    timer.tick(lambda: _jobs_table(workspace, remote=False), None, jobs)   # progress of every job, whoever started it
     return {"on_load": [(lists, None, [jobs, job_box, dataset_box])], "inputs": inputs, "preset": preset_box,
             "dataset": dataset_box, "jobs": jobs, "job": job_box,
             "plot": plot, "log": log, "timer": timer, "launch": launch_btn, "stop": stop_btn, "resume": resume_btn,
             "compare_adapter": compare_adapter, "compare_button": compare_btn}   # wired in studio/app.py
-
-
-def job_adapter(job: dict) -> str:
-    """Where a job's adapter is (or will be): runs/NAME/adapter locally, the S3 output for SageMaker."""
-    return str(Path(job["output_dir"]) / "adapter") if job.get("output_dir") else job.get("output", "")
-
-
-def compare_refs(workspace: Path, job_id: str | None) -> tuple[str, str]:
-    """Side A = the job's base, side B = that base + the job's adapter, as Compare-tab model refs."""
-    job = read_jobs(workspace).get(job_id or "")
-    adapter = Path(job_adapter(job)) if job else None
-    if adapter is None or not (adapter / "adapter_config.json").is_file():
-        raise ValueError("pick a finished local job: its adapter folder is not there yet")
-    return f"local:{job['model']}", f"local:{job['model']}+{adapter}"
 
 
 def yaml_file(workspace: Path, path: str, must_exist: bool = False) -> Path:
@@ -241,6 +236,12 @@ def yaml_file(workspace: Path, path: str, must_exist: bool = False) -> Path:
     if must_exist and not full.is_file():
         raise ValueError(f"no such file in the workspace: {path}")
     return full
+
+
+def _job_choices(workspace: Path) -> list[tuple[str, str]]:
+    """(short name, id) of every job, newest first: the picker shows `bench-3`, callbacks get the id."""
+    jobs = sorted(read_jobs(workspace).values(), key=lambda j: -j.get("created", 0))
+    return [(f"{j['short']} · {j['id']}", j["id"]) for j in jobs]
 
 
 def _datasets(workspace: Path) -> list[str]:

@@ -1,5 +1,7 @@
 """Benchmark tab in a real browser: score base vs adapter on the demo test split, read the leaderboard,
 browse the per-sample diff and build the reports."""
+import re
+
 import pytest
 
 from conftest import wait_for_cell_text, wait_for_table_text
@@ -39,3 +41,23 @@ def test_an_eval_run_from_the_command_line_appears_on_reload_with_its_samples(st
     wait_for_cell_text(page, "cli-eval")
     wait_for_cell_text(page, "demo-llava + demo-adapter")   # short model names in the leaderboard
     page.get_by_text("McNemar").wait_for()               # the newest eval is opened, its per-sample diff shown
+
+
+def test_a_running_benchmark_stops_and_is_still_stopped_after_a_reload(studio_page):
+    from training.launchers import read_jobs
+
+    page, workspace = studio_page
+    page.get_by_role("tab", name="Benchmark").click()
+    page.get_by_label("Limit (0 = all)").fill("0")
+    page.get_by_label("Eval name").fill("browser-stop")
+    page.get_by_role("button", name="Run benchmark").click()
+    running = page.get_by_text(re.compile(r"Benchmark job bench-\d+ · running"))
+    running.wait_for()
+    short = re.search(r"bench-\d+", running.text_content()).group(0)
+    page.get_by_role("button", name="Stop benchmark").click()
+    page.get_by_text(f"Benchmark job {short} · stopped").wait_for()
+    job = next(j for j in read_jobs(workspace).values() if j["short"] == short)
+    assert job["status"] == "stopped" and not list((workspace / "evals" / "browser-stop").glob("*/summary.json"))
+    page.reload()                                        # a new page: the job is read back from the workspace
+    page.get_by_role("tab", name="Benchmark").click()
+    page.get_by_text(f"Benchmark job {short} · stopped").wait_for()

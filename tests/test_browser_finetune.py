@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import wait_for_cell_text, wait_for_table_text
+from conftest import wait_for_cell_text
 
 pytestmark = pytest.mark.browser
 
@@ -22,10 +22,14 @@ def test_launch_a_local_job_then_stop_it(studio_page):
     page.get_by_label("Run name (runs/NAME-timestamp)").fill("browser-run")
     page.get_by_role("button", name="Launch", exact=True).click()
     page.get_by_text("launched browser-run").wait_for()
-    wait_for_table_text(page, "browser-run")
+    wait_for_cell_text(page, "browser-run")          # cells on screen: the table lists other tabs' jobs too
     assert "running" in job_statuses(workspace).values()
     page.get_by_role("button", name="Stop", exact=True).click()
-    wait_for_table_text(page, "stopped")
+    for _ in range(120):                             # the Stop event returns once the process group ended
+        if "running" not in job_statuses(workspace).values():
+            break
+        page.wait_for_timeout(500)
+    wait_for_cell_text(page, "stopped")
     assert set(job_statuses(workspace).values()) <= {"stopped", "completed"}
 
 

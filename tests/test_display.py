@@ -49,7 +49,9 @@ def test_finetune_jobs_table_shows_accuracy_in_percent_and_rounded_losses(tmp_pa
                       "output_dir": str(out), "log": "", "created": 0, "model": "m", "data": "", "mode": "lora"})
     table = _jobs_table(tmp_path)
     row = table.iloc[0]
-    assert list(table.columns[:6]) == ["id", "status", "step", "loss", "eval_loss", "eval accuracy (%)"]
+    assert list(table.columns[:7]) == ["job", "status", "progress (%)", "step", "loss", "eval_loss",
+                                       "eval accuracy (%)"]
+    assert row["job"] == "train-1" and row["progress (%)"] == 100.0 and row["id"] == "r1"
     assert row["eval accuracy (%)"] == 45.7 and row["loss"] == 1.235 and row["eval_loss"] == 0.988
 
 

@@ -1,11 +1,13 @@
-"""Fine-tuning jobs from the shell (the same launchers the Fine-tune tab uses):
+"""Jobs from the shell (the same launchers the studio uses): fine-tunes, benchmark runs, chart generation.
 
     python -m training launch --config run.yaml [--name r1] [--gpus 2]             # local subprocess
+    python -m training launch --task bench --config eval.yaml     # python -m eval run in the background
+    python -m training launch --task charts --config gen.yaml     # python -m charts generate in the background
     python -m training launch --config run.yaml --sagemaker --role ARN --bucket B \\
         [--instance-type ml.g5.2xlarge --count 1 --no-spot --hours 24 --region us-east-1]
     python -m training estimate --instance-type ml.g5.12xlarge --count 1 --hours 10
-    python -m training jobs                       # every recorded job with a fresh status
-    python -m training logs JOB [--tail 50]
+    python -m training jobs                       # every recorded job: short name, status, progress
+    python -m training logs JOB [--tail 50]       # JOB: its id or short name (train-1, bench-3, charts-2)
     python -m training stop JOB
     python -m training resume JOB                 # a stopped or killed local job continues from its checkpoint
 Training itself: python -m training.train --help
@@ -18,15 +20,22 @@ import sys
 from pathlib import Path
 
 from training.config import TrainConfig
-from training.launchers import LocalLauncher, all_jobs, launchers, read_jobs
+from charts.config import GenerateConfig
+from eval.config import EvalConfig
+from training.launchers import LocalLauncher, all_jobs, find_job, launchers
+
+CONFIGS = {"train": TrainConfig, "bench": EvalConfig, "charts": GenerateConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training", description="Launch and watch fine-tuning jobs.")
+    ap = argparse.ArgumentParser(prog="python -m training", description="Launch and watch jobs: fine-tunes, "
+                                 "benchmark runs, chart generation.")
     ap.add_argument("--workspace", default="workspace")
     sub = ap.add_subparsers(dest="command", required=True)
-    launch = sub.add_parser("launch", help="start a job from a TrainConfig YAML")
-    launch.add_argument("--config", required=True)
+    launch = sub.add_parser("launch", help="start a job from a config YAML")
+    launch.add_argument("--config", required=True, help="a TrainConfig, EvalConfig or GenerateConfig YAML (--task)")
+    launch.add_argument("--task", choices=list(CONFIGS), default="train",
+                        help="train (TrainConfig), bench (EvalConfig), charts (GenerateConfig)")
     launch.add_argument("--name")
     launch.add_argument("--gpus", type=int, default=1)
     launch.add_argument("--sagemaker", action="store_true")
@@ -55,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print(table["sagemaker"].estimate()["text"])
     elif args.command == "launch":
         try:
-            cfg = TrainConfig.from_yaml(Path(args.config))
+            cfg = CONFIGS[args.task].from_yaml(Path(args.config))
+            if args.sagemaker and args.task != "train":
+                raise ValueError("only fine-tunes run on SageMaker")
             if args.sagemaker:
                 print(table["sagemaker"].estimate()["text"])
                 job = table["sagemaker"].start(cfg, args.name)
@@ -64,20 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(json.dumps({k: job[k] for k in ("id", "kind", "status") if k in job}))
+        print(json.dumps({k: job[k] for k in ("id", "short", "task", "kind", "status") if k in job}))
     elif args.command == "jobs":
         for j in all_jobs(args.workspace):
-            metrics = {k: j[k] for k in ("step", "loss", "eval_loss", "eval_relaxed_accuracy") if k in j}
-            print(f"{j['id']:40s} {j['kind']:9s} {j['status']:11s} {json.dumps(metrics)}")
+            metrics = {k: j[k] for k in ("step", "loss", "eval_loss", "eval_relaxed_accuracy", "desc") if k in j}
+            done = f"{j['progress']:5.1f}%" if j.get("progress") is not None else "     -"
+            print(f"{j['short']:10s} {j['status']:11s} {done} {j['kind']:9s} {j['id']:40s} {json.dumps(metrics)}")
     else:
-        job = read_jobs(args.workspace).get(args.job)
+        job = find_job(args.workspace, args.job)
         if job is None:
             print(f"error: no job {args.job!r} in {args.workspace}/jobs.jsonl", file=sys.stderr)
             return 2
         launcher = table[job["kind"]]
         try:
             if args.command == "resume":
-                job = LocalLauncher(args.workspace).resume(args.job)
+                job = LocalLauncher(args.workspace).resume(job["id"])
                 print(json.dumps({k: job[k] for k in ("id", "kind", "status")}))
                 return 0
             result = launcher.logs(job, args.tail) if args.command == "logs" else launcher.stop(job)
