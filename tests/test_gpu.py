@@ -61,25 +61,28 @@ def test_engine_scores_match_plain_transformers_and_peft(demo_model, tmp_path, q
 def test_captured_decode_equals_eager_decode(demo_model, tmp_path):
     adapter = make_adapter(demo_model, tmp_path / "adapter")
     pool = ModelPool()
-    base = pool.backend(f"local:{demo_model}", quantize="none")
-    tuned = pool.backend(f"local:{demo_model}+{adapter}", quantize="none")
+    # Captured uncompiled graphs replay eager's own kernels, so the tokens must be identical; compiled
+    # (fused) kernels round bf16 differently and are checked against plain transformers below.
+    base = pool.backend(f"local:{demo_model}", quantize="none", compile=False)
+    tuned = pool.backend(f"local:{demo_model}+{adapter}", quantize="none", compile=False)
     generator = base.engine.generator
-    assert generator.use_graphs and generator.graph_error is None and generator.compile_error is None
+    assert generator.use_graphs and generator.graph_error is None and not generator.use_compile
     requests = [Request(Image.effect_noise((64, 64), 30 + 10 * i).convert("RGB"), q, max_new_tokens=24)
                 for i, q in enumerate(["what is the highest value", "which category", "how many bars"])]
     graphed = [base.generate([r])[0] for r in requests] + [tuned.generate([r])[0] for r in requests]
     both = [t for r in requests for t in (base.generate([r])[0],)]
     assert generator.graphs, "batch-1 decode should have run as a captured graph"
-    generator.use_graphs = generator.use_compile = False
+    generator.use_graphs = False
     eager = [base.generate([r])[0] for r in requests] + [tuned.generate([r])[0] for r in requests]
     assert graphed == eager and both == eager[:3]
-    generator.use_graphs = generator.use_compile = True
+    generator.use_graphs = True
     streamed = ["".join(s) for s in [base.stream(requests[0]), tuned.stream(requests[0])]]
     assert streamed == [eager[0], eager[3]]
 
 
-def dynamic_hf_answers(demo_model, requests):
-    """Greedy answers of plain transformers generate (dynamic cache, bf16, uncompiled) on the GPU."""
+def dynamic_hf_answers(demo_model, requests, margins: list | None = None):
+    """Greedy answers of plain transformers generate (dynamic cache, bf16, uncompiled) on the GPU. With
+    `margins`, also each answer's (text so far, top-1 minus top-2 score) at every step."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -93,10 +96,29 @@ def dynamic_hf_answers(demo_model, requests):
         x = processor(text=[prompt], images=[pad_to_square(r.image)], return_tensors="pt").to("cuda")
         x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
         with torch.inference_mode():
-            ids = model.generate(**x, max_new_tokens=r.max_new_tokens, do_sample=False)
-        text = processor.tokenizer.decode(ids[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+            g = model.generate(**x, max_new_tokens=r.max_new_tokens, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+        new = g.sequences[0, x["input_ids"].shape[1]:]
+        text = processor.tokenizer.decode(new, skip_special_tokens=True)
         out.append(text.replace("\ufffd", "").strip())
+        if margins is not None:
+            steps = []
+            for k, scores in enumerate(g.scores):
+                top = scores[0].float().topk(2).values
+                steps.append((processor.tokenizer.decode(new[:k], skip_special_tokens=True).replace("\ufffd", "").strip(),
+                              float(top[0] - top[1])))
+            margins.append(steps)
     return out
+
+
+def near_tie_at_divergence(mine: str, theirs: str, steps: list, tie: float = 0.1) -> bool:
+    """True when `mine` and `theirs` part where plain transformers' own choice was a near-tie: the step
+    whose prefix is the longest common prefix of both had a top-2 margin under `tie`."""
+    common = 0
+    while common < min(len(mine), len(theirs)) and mine[common] == theirs[common]:
+        common += 1
+    at = [m for prefix, m in steps if len(prefix) <= common and mine.startswith(prefix)]
+    return bool(at) and at[-1] < tie
 
 
 def test_compiled_static_cache_greedy_output_equals_the_dynamic_hf_path(demo_model):
@@ -108,7 +130,13 @@ def test_compiled_static_cache_greedy_output_equals_the_dynamic_hf_path(demo_mod
     assert "decode: compiled CUDA graphs" in base.engine.describe()
     requests = [Request(Image.effect_noise((64, 64), 30 + 10 * i).convert("RGB"), q, max_new_tokens=16)
                 for i, q in enumerate(["what is the highest value", "which category", "how many bars"])]
-    assert [base.generate([r])[0] for r in requests] == dynamic_hf_answers(demo_model, requests)
+    margins: list = []
+    theirs = dynamic_hf_answers(demo_model, requests, margins)
+    # Fused kernels round bf16 differently from transformers' eager ones: answers are equal, or part only
+    # where transformers itself had two tokens within bf16 noise of each other.
+    for r, t, steps in zip(requests, theirs, margins):
+        mine = base.generate([r])[0]
+        assert mine == t or near_tie_at_divergence(mine, t, steps), (mine, t)
 
 
 def test_a_failing_compile_still_captures_the_plain_step(demo_model, monkeypatch):

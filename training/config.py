@@ -77,10 +77,11 @@ class TrainConfig:
     deepspeed: str = _f("none", "DeepSpeed ZeRO config shipped in training/deepspeed/ (zero2 for QLoRA; "
                                 "zero3_offload for full runs short of memory).",
                         choices=("none", "zero2", "zero3_offload"), group="speed")
-    loss_impl: str = _f("chunked", "Training loss: chunked = from the answer positions only, their logits made "
-                                   "1024 tokens at a time (no full-vocabulary logits for the batch); liger = "
-                                   "the same with Liger's fused kernel (GPU with liger_kernel, else chunked); "
-                                   "hf = the model's own loss over logits of every position.",
+    loss_impl: str = _f("liger", "Training loss: chunked = from the answer positions only, their logits made "
+                                 "1024 tokens at a time (no full-vocabulary logits for the batch); liger = "
+                                 "the same with Liger's fused kernel (GPU with liger_kernel, else chunked: "
+                                 "fastest and smallest on an H200, docs/BENCHMARKS.md); hf = the model's own "
+                                 "loss over logits of every position.",
                         choices=("chunked", "liger", "hf"), group="speed")
     liger: bool = _f(True, "Liger kernels for RMSNorm, SwiGLU and RoPE (GPU with liger_kernel installed; "
                            "skipped with a warning otherwise).", group="speed")
