@@ -179,7 +179,8 @@ def test_an_oversized_question_is_an_error_row_and_never_reaches_the_model(tmp_p
 
 
 # ---------------------------------------------------------------- arguments checked before any load
-@pytest.mark.parametrize("flag,value,word", [("--limit", "-100", "limit"), ("--limit", "0", "limit"),
+# (--limit 0 means "all questions" on the command line and in EvalConfig, as 0 means "all" for max_train_samples.)
+@pytest.mark.parametrize("flag,value,word", [("--limit", "-100", "limit"),
                                              ("--max-new-tokens", "0", "max_new_tokens"),
                                              ("--batch-size", "0", "batch_size"),
                                              ("--concurrency", "-1", "concurrency")])
