@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", default="relaxed_ref", help="metric of the paired comparison")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo-model", help="build the random tiny LLaVA (GPU benchmarks; the studio ships assets/demo-llava)")
+    demo = sub.add_parser("demo-model", help="build the random tiny LLaVA (for the GPU benchmarks; the studio "
+                                             "ships assets/demo-llava)")
     demo.add_argument("--out", required=True)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_model)

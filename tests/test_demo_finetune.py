@@ -17,7 +17,8 @@ from training.train import train
 
 STEPS = 20
 N_QUESTIONS = 24
-MIN_DROP = 0.03          # mean answer loss in nats per token (12 steps: 0.04; the shipped 45 steps: 0.25 on 40 questions)
+# mean answer loss in nats per token (12 steps: 0.04; the shipped 45 steps: 0.25 on 40 questions)
+MIN_DROP = 0.03
 
 
 @pytest.fixture(scope="module")

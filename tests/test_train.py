@@ -1,5 +1,6 @@
-"""training.train on the shipped demo model (CPU, a few steps of 2 samples: each is 576 image tokens): labels, LoRA placement, the projector's
-learning rate and persistence, SIGTERM -> checkpoint -> resume, and the refusals."""
+"""training.train on the shipped demo model (CPU, a few steps of 2 samples, each 576 image tokens): labels,
+LoRA placement, the projector's learning rate and persistence, SIGTERM -> checkpoint -> resume, and the
+refusals."""
 import contextlib
 import io
 import json
