@@ -75,7 +75,10 @@ def prepare_models(workspace: Path, base: str, adapter: str | None) -> tuple[str
         return base, adapter
     from training.demo import install_demo
 
-    base_dir, demo_adapter = install_demo(workspace)
+    try:
+        base_dir, demo_adapter = install_demo(workspace)
+    except FileNotFoundError as e:
+        raise SystemExit(f"cannot start on the demo model: {e}") from None
     return str(base_dir), adapter or str(demo_adapter)
 
 
