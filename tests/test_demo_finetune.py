@@ -2,7 +2,7 @@
 small budget: 20 of the preset's 45 steps on the demo dataset, then the gold answers of hbar test charts
 it never saw are more likely under base + LoRA than under the base (teacher-forced answer loss, the
 quantity the fine-tune optimises; relaxed accuracy moves by a few points only, see docs/BENCHMARKS.md
-"Demo model", too few for a steady assertion on a few dozen questions). ~1 min on 2 CPU cores."""
+"Demo model", too few for a steady assertion on a few dozen questions). ~1.5 min on 2 CPU cores."""
 import contextlib
 import io
 import json
