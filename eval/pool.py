@@ -21,9 +21,10 @@ from typing import Callable
 from eval.protocol import ModelRef
 
 LOCAL_OPTIONS = {"quantize": "auto", "device": "auto", "trust_remote_code": False, "graphs": True}   # and defaults
-# transformers resolves its names lazily on first use; two threads doing that at once (two pools, or two
-# bases, loading side by side) can fail with "cannot import name 'AutoConfig'". The first resolve is serialised.
-_FIRST_IMPORT = threading.Lock()
+# One model load at a time in the process, across pools: two side by side (two pools, or two bases) failed
+# with "cannot import name 'AutoConfig'" (transformers resolves its names lazily on first use), or loaded
+# a model that then decoded garbage (from_pretrained sets process-wide torch defaults while it loads).
+_LOADING = threading.Lock()
 
 
 class ModelPool:
@@ -54,9 +55,9 @@ class ModelPool:
             with self._lock:
                 if key in self._engines:
                     return self._engines[key]
-            with _FIRST_IMPORT:
-                from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor  # noqa: F401
-            engine = Engine(key[0], on_progress=on_progress, **{k: v for k, v in options.items() if k in LOCAL_OPTIONS})
+            with _LOADING:
+                engine = Engine(key[0], on_progress=on_progress,
+                                **{k: v for k, v in options.items() if k in LOCAL_OPTIONS})
             with self._lock:
                 self._engines[key] = engine
                 self._loading.pop(key, None)
