@@ -4,8 +4,10 @@
     python app.py --base llava-hf/llava-1.5-7b-hf --adapter workspace/runs/my-run/adapter
     python app.py --host 0.0.0.0 --auth-file ~/.studio-login   # exposed: a login (USER:PASSWORD in the file)
 
-With no --base, the tiny LLaVA built in code is used (made under WORKSPACE/models on first start, with
-a small LoRA adapter trained on a few synthetic charts), so the studio works offline, on a CPU.
+With no --base, the shipped demo model is used (assets/demo-llava: a 23M-parameter LLaVA pretrained on
+the project's charts, hbar held out) with its shipped hbar LoRA (assets/demo-adapter), so the studio
+works offline, on a CPU. The first start builds nothing and trains nothing: it links the model into
+WORKSPACE/models, copies the adapter into WORKSPACE/runs and draws the small hbar demo dataset.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--workspace", default="workspace", help="folder for datasets, runs, evals and jobs")
     p.add_argument("--base", default=DEMO, help="base model: a local folder or a hub id "
-                   "(e.g. llava-hf/llava-1.5-7b-hf); 'demo' builds the tiny offline model")
+                   "(e.g. llava-hf/llava-1.5-7b-hf); 'demo' is the shipped offline model (assets/demo-llava)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder for side B of Compare "
                    "(default with --base demo: the demo adapter)")
     p.add_argument("--quantize", default="auto", choices=("auto", "4bit", "none"),
@@ -68,17 +70,16 @@ def read_auth(args: argparse.Namespace, env=os.environ) -> tuple[str, str] | Non
 
 
 def prepare_models(workspace: Path, base: str, adapter: str | None) -> tuple[str, str | None]:
-    """Resolve 'demo' to the built-in tiny model (building it and its adapter when missing)."""
+    """Resolve 'demo' to the shipped model and, with no --adapter, its shipped adapter."""
     if base != DEMO:
         return base, adapter
-    from eval.demo import ensure_demo_model
-    from training.demo import ensure_demo_adapter
+    from training.demo import install_demo
 
-    base_dir = ensure_demo_model(workspace / "models" / "demo-llava")
-    if adapter is None:
-        print("Preparing the demo adapter (first start only)...", flush=True)
-        adapter = str(ensure_demo_adapter(workspace, base_dir))
-    return str(base_dir), adapter
+    try:
+        base_dir, demo_adapter = install_demo(workspace)
+    except FileNotFoundError as e:
+        raise SystemExit(f"cannot start on the demo model: {e}") from None
+    return str(base_dir), adapter or str(demo_adapter)
 
 
 def main(argv=None) -> None:

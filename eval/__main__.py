@@ -10,7 +10,7 @@
         --model local:workspace/models/demo-llava+workspace/runs/demo-adapter/adapter
     python -m eval votes --workspace workspace
     python -m eval report workspace/evals/demo
-    python -m eval demo-model --out workspace/models/demo-llava
+    python -m eval demo-model --out /tmp/tiny-llava      # the random tiny LLaVA (GPU benchmarks)
 """
 from __future__ import annotations
 
@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--metric", default="relaxed_ref", help="metric of the paired comparison")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo-model", help="build the tiny LLaVA used by tests and the offline demo")
+    demo = sub.add_parser("demo-model", help="build the random tiny LLaVA (for the GPU benchmarks; the studio "
+                                             "ships assets/demo-llava)")
     demo.add_argument("--out", required=True)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_model)

@@ -1,13 +1,17 @@
-"""A tiny LLaVA built in code, so the studio, its tests and CI never download anything.
+"""The demo models: the shipped chart-reading LLaVA, and a random tiny one built in code.
 
-    python -m eval demo-model --out workspace/models/demo-llava
+The studio, its tests and CI run on `assets/demo-llava` (shipped_demo_model()): a 23M-parameter LLaVA
+(CLIP-style vision 6 x 384 on 384 px in 16 px patches = 576 image tokens, Llama-style text 7 x 384,
+vocab 1362) pretrained from scratch on the project's own charts by training/pretrain.py, with
+`hbar` held out; its README.md is the model card. `assets/demo-adapter` (shipped_demo_adapter()) is
+the `demo-cpu` LoRA that teaches it hbar charts (training/demo.py makes it). Nothing is downloaded.
 
-It is the real architecture (CLIP vision tower -> MLP projector -> Llama), just small: a 64 px image
-becomes 16 image tokens, the language model has 2 layers of width 64, and the tokenizer is a byte-level
-BPE trained here on chart vocabulary. It is saved in the standard Hugging Face layout, so
-`AutoModelForImageTextToText.from_pretrained(path)` and `AutoProcessor.from_pretrained(path)` load it
-exactly as they load `llava-hf/llava-1.5-7b-hf`. Weights are random (seeded): answers are gibberish
-until it is fine-tuned.
+    python -m eval demo-model --out /tmp/tiny-llava      # the random tiny LLaVA (build_demo_model)
+
+build_demo_model is the real architecture at toy size with random (seeded) weights: a 64 px image
+becomes 16 image tokens, 2 layers of width 64, a byte-level BPE trained here on chart vocabulary. Its
+answers are gibberish; it remains for the GPU benchmarks, which need a model of a given shape, not
+one that reads. Both load with `AutoModelForImageTextToText` / `AutoProcessor` like a hub checkpoint.
 """
 from __future__ import annotations
 
@@ -119,14 +123,17 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     return out_dir
 
 
-# The trained demo model (training/pretrain.py exports it; its README.md is the model card).
-SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo-llava"
+# The trained demo model (training/pretrain.py exports it; its README.md is the model card) and its
+# hbar adapter (training/demo.py trains it with the demo-cpu preset).
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_MODEL = ASSETS / "demo-llava"
+SHIPPED_ADAPTER = ASSETS / "demo-adapter"
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def shipped_demo_model(path: str | Path = SHIPPED_MODEL) -> Path | None:
-    """`path` (assets/demo-llava) when it holds a complete exported model with its processor, else None:
-    then callers fall back to build_demo_model's random tiny LLaVA."""
+    """`path` (assets/demo-llava) when it holds a complete exported model with its processor, else None."""
     path = Path(path)
     complete = all((path / f).is_file() for f in _MODEL_FILES) and any(
         (path / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
@@ -138,13 +145,12 @@ DEMO_NAME = "demo-llava"
 
 def is_demo_model(ref: str | Path) -> bool:
     """Whether a base (a path or a `local:` ref, with or without `+adapter`) is the demo model: the folder that
-    ensure_demo_model builds and training/pretrain.py exports is always named demo-llava."""
+    the studio links and training/pretrain.py exports is always named demo-llava."""
     base = str(ref).removeprefix("local:").split("+", 1)[0].rstrip("/")
     return Path(base).name == DEMO_NAME
 
 
-def ensure_demo_model(path: str | Path) -> Path:
+def shipped_demo_adapter(path: str | Path = SHIPPED_ADAPTER) -> Path | None:
+    """`path` (assets/demo-adapter) when it holds a LoRA adapter in safetensors, else None."""
     path = Path(path)
-    if not (path / "config.json").exists():
-        build_demo_model(path)
-    return path
+    return path if all((path / f).is_file() for f in _ADAPTER_FILES) else None

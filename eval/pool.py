@@ -22,6 +22,10 @@ from eval.protocol import ModelRef
 
 LOCAL_OPTIONS = {"quantize": "auto", "device": "auto", "trust_remote_code": False, "graphs": True,
                  "compile": "auto"}   # and their defaults
+# One model load at a time in the process, across pools: two side by side (two pools, or two bases) failed
+# with "cannot import name 'AutoConfig'" (transformers resolves its names lazily on first use), or loaded
+# a model that then decoded garbage (from_pretrained sets process-wide torch defaults while it loads).
+_LOADING = threading.Lock()
 
 
 class ModelPool:
@@ -52,7 +56,9 @@ class ModelPool:
             with self._lock:
                 if key in self._engines:
                     return self._engines[key]
-            engine = Engine(key[0], on_progress=on_progress, **{k: v for k, v in options.items() if k in LOCAL_OPTIONS})
+            with _LOADING:
+                engine = Engine(key[0], on_progress=on_progress,
+                                **{k: v for k, v in options.items() if k in LOCAL_OPTIONS})
             with self._lock:
                 self._engines[key] = engine
                 self._loading.pop(key, None)

@@ -1,4 +1,4 @@
-"""Shared fixtures. Nothing here touches the network: the model is the tiny LLaVA built in code."""
+"""Shared fixtures. Nothing here touches the network: the model is the shipped demo model (assets/demo-llava)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,10 +20,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def demo_model(tmp_path_factory):
-    """Path of the tiny LLaVA (built once per test session, ~2 s)."""
-    from eval.demo import build_demo_model
-    return build_demo_model(tmp_path_factory.mktemp("models") / "demo-llava")
+def demo_model():
+    """Path of the shipped demo model (assets/demo-llava), the one the studio starts on. Read-only: a test
+    that writes next to the model copies it first; the session fails if any of its files changed."""
+    from eval.demo import SHIPPED_MODEL, shipped_demo_model
+
+    path = shipped_demo_model()
+    assert path is not None, f"{SHIPPED_MODEL} is incomplete"
+
+    def files():
+        return {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir())}
+
+    before = files()
+    yield path
+    assert files() == before, f"a test wrote into the shipped model {path}"
 
 
 # ---- a running studio and a real browser (Debian's chromium driven by Playwright) -------------------

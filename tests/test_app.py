@@ -78,3 +78,15 @@ def test_a_studio_started_with_an_auth_file_asks_for_that_login(demo_model, tmp_
         assert Client(url, auth=("alice", "long-password"), verbose=False).view_api(print_info=False, return_format="dict")
     finally:
         stop_studio(proc)
+
+
+def test_the_demo_starts_on_the_shipped_model_and_adapter_without_training(tmp_path, demo_model):
+    from eval.demo import SHIPPED_ADAPTER
+    base, adapter = app.prepare_models(tmp_path, app.DEMO, None)
+    assert Path(base) == tmp_path / "models" / "demo-llava" and Path(base).resolve() == demo_model.resolve()
+    assert Path(adapter) == tmp_path / "runs" / "demo-adapter" / "adapter"
+    assert (Path(adapter) / "adapter_model.safetensors").read_bytes() == \
+        (SHIPPED_ADAPTER / "adapter_model.safetensors").read_bytes()
+    assert not (Path(adapter).parent / "checkpoints").exists()          # copied, not trained
+    assert (tmp_path / "datasets" / "demo" / "test.jsonl").stat().st_size > 0
+    assert app.prepare_models(tmp_path, app.DEMO, "/my/adapter") == (base, "/my/adapter")

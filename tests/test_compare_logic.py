@@ -166,4 +166,4 @@ def test_sides_report_the_backends_own_token_counts(demo_model):
     pool = FakePool()
     *_, (a, b) = compare.compare_stream([f"local:{demo_model}", f"local:{demo_model}"],
                                         Request(None, "what is the total", max_new_tokens=6), pool)
-    assert a.exact_tokens and a.tokens == 6 and a.text == b.text
+    assert a.exact_tokens and 1 <= a.tokens <= 6 and a.tokens == b.tokens and a.text == b.text   # it may stop early

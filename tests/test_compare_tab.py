@@ -1,7 +1,7 @@
 """The Compare tab in a running Gradio app, driven through gradio_client on loopback."""
 import pytest
 
-from conftest import free_port
+from conftest import ROOT, free_port
 
 gr = pytest.importorskip("gradio")
 
@@ -40,7 +40,9 @@ def test_compare_streams_both_sides_and_votes_and_exports(app):
     client = Client(url, verbose=False)
     image, question, gold = client.predict("tiny", api_name="/random_example")
     assert "Gold" in gold and question
-    out = client.predict(handle_file(image["path"] if isinstance(image, dict) else image), question,
+    # the shipped bar chart: the demo model reads it, and the random adapter changes its answer there
+    chart, question = str(ROOT / "assets" / "examples" / "bar.png"), "What is the number of active users in 2020?"
+    out = client.predict(handle_file(chart), question,
                          f"local:{studio.base}", f"local:{studio.base}+{studio.adapter}", "local", "local", 8, 0.0,
                          api_name="/run_compare")
     answer_a, verdict_a, stats_a, answer_b, verdict_b, stats_b = out[:6]

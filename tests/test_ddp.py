@@ -22,7 +22,7 @@ WORLD = 2
 # 12 samples, 2 per device, 2 ranks: 3 steps an epoch (a single process would take 6); checkpoints every 4
 # steps fall mid-epoch, where a resumed epoch's shard of the shuffle must equal the original's. LoRA
 # dropout draws from each rank's RNG, whose state the resume restores per rank (rng_state_<rank>.pth).
-RUN = {"max_steps": 12, "per_device_batch_size": 2, "max_train_samples": 12, "save_steps": 4,
+RUN = {"max_steps": 8, "per_device_batch_size": 2, "max_train_samples": 12, "save_steps": 4,
        "save_total_limit": 2, "logging_steps": 1, "eval_limit": 0, "lora_dropout": 0.1, "warmup_ratio": 0.1}
 
 

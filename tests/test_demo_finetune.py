@@ -1,21 +1,24 @@
-"""The "demo-cpu" preset really teaches the tiny random LLaVA something: fine-tuned on a freshly generated
-demo dataset, its relaxed accuracy on the test split (scored by the benchmark runner, default prompt)
-beats the base by a clear margin. ~45 s on 2 CPU cores."""
+"""The "demo-cpu" preset teaches the shipped model the chart kind held out of its pretraining (hbar), on a
+small budget: 20 of the preset's 45 steps on the demo dataset, then the gold answers of hbar test charts
+it never saw are more likely under base + LoRA than under the base (teacher-forced answer loss, the
+quantity the fine-tune optimises; relaxed accuracy moves by a few points only, see docs/BENCHMARKS.md
+"Demo model", too few for a steady assertion on a few dozen questions). ~1.5 min on 2 CPU cores."""
 import contextlib
 import io
 import json
-from collections import Counter
 
 import pytest
 import torch
 
-from eval.run import DEFAULT_SUFFIX, run_eval
+from charts.dataset import SHORT_ANSWER_INSTRUCTION
 from training.config import preset
-from training.demo import DEMO_FAMILIES, DEMO_INSTRUCT_SHARE, ensure_demo_dataset
+from training.demo import DEMO_INSTRUCT_SHARE, DEMO_KIND, ensure_demo_dataset
 from training.train import train
 
-MIN_GAIN = 10.0          # points of relaxed accuracy (0-100); this run reaches ~19
-MIN_QUESTIONS = 60
+STEPS = 20
+N_QUESTIONS = 24
+# mean answer loss in nats per token: 20 steps drop it 1.27 -> 1.19 (12 steps: 0.04; the shipped 45: 0.25)
+MIN_DROP = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -24,56 +27,64 @@ def demo_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scored(demo_model, demo_data, tmp_path_factory):
-    """(base summary, adapter summary, adapter samples) on the demo test split."""
+def tuned(demo_model, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-finetune")
-    # 200 of the preset's 300 steps: the same gain on this data (docs/BENCHMARKS.md), ~10 s less.
-    cfg = preset("demo-cpu", model=str(demo_model), data=str(demo_data), output_dir=str(out / "run"), max_steps=200)
+    cfg = preset("demo-cpu", model=str(demo_model), data=str(demo_data), output_dir=str(out / "run"),
+                 max_steps=STEPS, eval_limit=0, save_steps=STEPS)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # a model this small: one thread is as fast, and steady on a busy CPU
+    torch.set_num_threads(min(2, threads))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             result = train(cfg)
     finally:
         torch.set_num_threads(threads)
     assert result["status"] == "completed"
-    base, tuned = run_eval(demo_data, [f"local:{demo_model}", f"local:{demo_model}+{result['adapter']}"],
-                           out / "eval", split="test")
-    samples = [json.loads(line) for line in (out / "eval" / tuned["slug"] / "samples.jsonl").open()]
-    return base, tuned, samples
+    return result["adapter"]
 
 
-def test_demo_dataset_mixes_bare_and_instructed_questions(demo_data):
-    def questions(split):
-        return [json.loads(line)["conversations"][0]["value"] for line in (demo_data / f"{split}.jsonl").open()]
+def answer_losses(model, processor, questions) -> list[float]:
+    from PIL import Image
+    losses = []
+    for q in questions:
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": q["answers"][0]}]}]
+        x = processor.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                          images=[Image.open(q["image"]).convert("RGB")], return_tensors="pt")
+        mask = torch.as_tensor(x.pop("assistant_masks")).bool()
+        labels = x["input_ids"].masked_fill(~mask, -100)
+        with torch.inference_mode():
+            losses.append(float(model(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                                      pixel_values=x["pixel_values"], labels=labels).loss))
+    return losses
 
-    train_q = questions("train")
-    with_suffix = sum(q.endswith(DEFAULT_SUFFIX) for q in train_q)
-    assert 0.3 < with_suffix / len(train_q) < 0.7
-    assert not any(DEFAULT_SUFFIX in q for q in questions("test"))     # the benchmark runner adds it itself
-    manifest = json.loads((demo_data / "dataset.json").read_text())
-    assert manifest["settings"]["instruct_share"] == DEMO_INSTRUCT_SHARE
+
+def test_demo_dataset_is_the_held_out_kind_in_multi_turn_records(demo_data):
+    from training.pretrain import PRESETS
+    assert DEMO_KIND == PRESETS["demo"].held_out
+    rows = [json.loads(line) for line in (demo_data / "train.jsonl").open()]
+    assert {r["chart_type"] for r in rows} == {DEMO_KIND} and min(len(r["conversations"]) for r in rows) >= 8
+    instructed = sum(r["conversations"][0]["value"].endswith(SHORT_ANSWER_INSTRUCTION) for r in rows)
+    assert abs(instructed / len(rows) - DEMO_INSTRUCT_SHARE) < 0.2
+    test = [json.loads(line) for line in (demo_data / "test.jsonl").open()]
+    assert test and not any(SHORT_ANSWER_INSTRUCTION in t["value"] for r in test for t in r["conversations"])
     files = {s: (demo_data / f"{s}.jsonl").read_bytes() for s in ("train", "val", "test")}
     assert ensure_demo_dataset(demo_data.parent.parent) == demo_data    # a second call changes nothing
     assert {s: (demo_data / f"{s}.jsonl").read_bytes() for s in files} == files
-    assert not any(q.endswith(DEFAULT_SUFFIX * 2) for q in questions("train"))
-    families = Counter(json.loads(line)["family"] for line in (demo_data / "test.jsonl").open())
-    assert set(families) <= set(DEMO_FAMILIES)
 
 
-def test_demo_preset_beats_the_base_on_the_test_split(scored):
-    base, tuned, _ = scored
-    assert base["n"] == tuned["n"] >= MIN_QUESTIONS
-    gain = tuned["overall"]["relaxed_ref"] - base["overall"]["relaxed_ref"]
-    assert gain >= MIN_GAIN, (f"adapter {tuned['overall']['relaxed_ref']:.1f} vs base "
-                              f"{base['overall']['relaxed_ref']:.1f} relaxed accuracy on {tuned['n']} questions")
+def test_a_short_demo_run_makes_held_out_answers_more_likely(demo_model, demo_data, tuned):
+    import charts
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-
-def test_demo_adapter_answers_depend_on_the_question(scored):
-    """The failure this guards against: one answer (e.g. "$2") to every question."""
-    _, _, samples = scored
-    answers = Counter(s["prediction"] for s in samples)
-    assert len(answers) >= 5
-    assert answers.most_common(1)[0][1] < 0.5 * len(samples)
-    yes_no = [s["prediction"] for s in samples if s["family"] == "compare"]
-    assert yes_no and sum(a in ("Yes", "No") for a in yes_no) >= 0.8 * len(yes_no)
+    questions = [dict(q, question=q["question"] + SHORT_ANSWER_INSTRUCTION)      # as the benchmark asks them
+                 for q in charts.load_qa(demo_data, split="test")[:N_QUESTIONS]]
+    assert len(questions) == N_QUESTIONS and {q["chart_type"] for q in questions} == {DEMO_KIND}
+    processor = AutoProcessor.from_pretrained(demo_model)
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).eval()
+    base = answer_losses(model, processor, questions)
+    after = answer_losses(PeftModel.from_pretrained(model, str(tuned)).eval(), processor, questions)
+    drop = sum(base) / len(base) - sum(after) / len(after)
+    print(f"answer loss {sum(base) / len(base):.3f} -> {sum(after) / len(after):.3f}, "
+          f"{sum(a < b for a, b in zip(after, base))} of {len(base)} lower")
+    assert drop >= MIN_DROP, f"answer loss {sum(base) / len(base):.3f} -> {sum(after) / len(after):.3f}"

@@ -1,4 +1,4 @@
-"""The local launcher runs the real CLI on the tiny model: jobs survive a studio restart, stop ends the
+"""The local launcher runs the real CLI on the shipped demo model: jobs survive a studio restart, stop ends the
 whole process group after a checkpoint, and a job killed from outside is reported as killed."""
 import os
 import signal
@@ -17,7 +17,7 @@ def dataset(tmp_path_factory):
 
 
 def _cfg(demo_model, dataset, **kw):
-    return preset("demo-cpu", model=str(demo_model), data=str(dataset), per_device_batch_size=4, eval_limit=2,
+    return preset("demo-cpu", model=str(demo_model), data=str(dataset), per_device_batch_size=2, eval_limit=2,
                   save_steps=1000, logging_steps=1, **kw)
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 from PIL import Image
 
+from conftest import ROOT
 from eval.engine import Detokenizer
 from eval.local import AdapterError, list_adapters, skip_modules
 from eval.pool import ModelPool
@@ -23,7 +24,7 @@ def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True, ta
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     if hidden_size is None:
-        model = AutoModelForImageTextToText.from_pretrained(base_dir)
+        model = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=torch.float32)
     else:
         config = AutoConfig.from_pretrained(base_dir)
         config.text_config.hidden_size = hidden_size
@@ -34,7 +35,7 @@ def make_adapter(base_dir, out_dir, seed=1, hidden_size=None, projector=True, ta
                       modules_to_save=(["multi_modal_projector"] if projector else []) + list(full) or None,
                       task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
-    with torch.no_grad():       # modules trained in full (the demo preset trains lm_head and embed_tokens)
+    with torch.no_grad():       # modules trained in full (e.g. lm_head, embed_tokens)
         for name, p in peft_model.named_parameters():
             if "modules_to_save" in name and any(f in name for f in full):
                 p.add_(torch.randn_like(p) * 0.5)
@@ -58,10 +59,9 @@ def adapter2(demo_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def requests_():
-    images = [Image.new("RGB", (80, 50), (200, 30, 30)), Image.new("RGB", (40, 90), (0, 0, 200)),
-              Image.effect_noise((64, 64), 40).convert("RGB")]
-    questions = ["what is the value of the highest bar", "which category", "how many categories are shown in chart"]
-    return [Request(img, q, max_new_tokens=10) for img, q in zip(images, questions)]
+    """The shipped example charts and questions (a blank image gets an empty answer from the demo model)."""
+    examples = json.loads((ROOT / "assets" / "examples" / "examples.json").read_text())
+    return [Request(Image.open(ROOT / e["image"]).convert("RGB"), e["question"], max_new_tokens=10) for e in examples]
 
 
 def singles(backend, requests):
@@ -75,7 +75,8 @@ def peft_answers(demo_model, adapter, requests):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from eval.images import pad_to_square
-    model = AutoModelForImageTextToText.from_pretrained(demo_model).eval()
+    # float32 as the engine runs on CPU: the shipped weights are fp16, and fp16 on CPU decodes only <unk>
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(demo_model)
     peft = PeftModel.from_pretrained(model, str(adapter)).eval() if adapter else None
     out = []

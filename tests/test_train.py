@@ -1,5 +1,6 @@
-"""training.train on the tiny in-code LLaVA (CPU, a few steps): labels, LoRA placement, the projector's
-learning rate and persistence, SIGTERM -> checkpoint -> resume, and the refusals."""
+"""training.train on the shipped demo model (CPU, a few steps of 2 samples, each 576 image tokens): labels,
+LoRA placement, the projector's learning rate and persistence, SIGTERM -> checkpoint -> resume, and the
+refusals."""
 import contextlib
 import io
 import json
@@ -40,7 +41,7 @@ def make_dataset(folder: Path, n_train: int = 24, seed: int = 0) -> Path:
 
 
 def quick(demo_model, data, out, **kw):
-    base = dict(model=str(demo_model), data=str(data), output_dir=str(out), max_steps=4, per_device_batch_size=4,
+    base = dict(model=str(demo_model), data=str(data), output_dir=str(out), max_steps=4, per_device_batch_size=2,
                 save_steps=2, eval_steps=0, eval_limit=4, logging_steps=1, dataloader_workers=0)
     return preset("demo-cpu", **{**base, **kw})
 
@@ -159,7 +160,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_restores_adapter_and_projector(de
             if state.global_step == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    cfg = quick(demo_model, dataset, tmp_path, max_steps=6, save_steps=100)
+    cfg = quick(demo_model, dataset, tmp_path, max_steps=3, save_steps=100)
     first = train(cfg, callbacks=[TermDuringStep2()])
     assert first["status"] == "interrupted" and first["checkpoint"].endswith("checkpoint-2")
     assert not (tmp_path / "adapter").exists()

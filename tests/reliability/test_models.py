@@ -17,7 +17,7 @@ def test_a_failed_adapter_leaves_earlier_adapters_meaning_what_they_meant(demo_m
     tuned = pool.backend(f"local:{demo_model}+{adapter}")
     before = singles(tuned, requests_)
     wrong = make_adapter(demo_model, tmp_path / "wrong", hidden_size=32, projector=False)
-    with pytest.raises(AdapterError, match=r"hidden size 32.*has 64"):
+    with pytest.raises(AdapterError, match=r"hidden size 32.*has 384"):
         pool.backend(f"local:{demo_model}+{wrong}")
     bad_target = make_adapter(demo_model, tmp_path / "vision", target=r".*vision_tower.*\.q_proj", projector=False)
     with pytest.raises(AdapterError, match="vision tower"):

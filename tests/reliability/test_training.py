@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # 12 samples in batches of 4: 3 steps an epoch, so checkpoints (every 4 steps) fall mid-epoch in epochs
 # 1 and 2, where a resumed epoch's shuffle must equal the original's. LoRA dropout makes the forward pass
 # draw from the RNG, whose state a resume must restore too.
-RUN = {"max_steps": 16, "per_device_batch_size": 4, "max_train_samples": 12, "save_steps": 4, "save_total_limit": 2,
+RUN = {"max_steps": 16, "per_device_batch_size": 2, "max_train_samples": 12, "save_steps": 4, "save_total_limit": 2,
        "logging_steps": 1, "eval_limit": 0, "lora_dropout": 0.1, "warmup_ratio": 0.1}
 
 
@@ -199,12 +199,10 @@ def test_the_form_refuses_a_bad_value_before_launching(tmp_path):
 
 # ---------------------------------------------------------------- presets checkpoint
 def test_every_preset_checkpoints_at_least_twice_within_its_run():
-    from training.demo import DEMO_STEPS
     for name in PRESETS:
         cfg = preset(name)
         if cfg.max_steps > 0:
             assert cfg.save_steps * 2 <= cfg.max_steps, name
-    assert preset("demo-cpu").save_steps * 2 <= DEMO_STEPS
 
 
 # ---------------------------------------------------------------- kill, resume, equal adapters
