@@ -85,7 +85,7 @@ def build(studio: Studio) -> dict:
     workspace = studio.workspace
     names = [f["name"] for f in FIELDS if f["name"] not in SKIPPED]
     datasets = _datasets(workspace)
-    # A CPU studio on the tiny model starts on the demo preset; a real base on the seed's QLoRA recipe.
+    # A CPU studio on the demo model starts on the demo preset; a real base on the seed's QLoRA recipe.
     first = "demo-cpu" if is_demo_model(studio.base) else "llava-1.5-7b-qlora"
     initial = _initial(studio, first, datasets)
     with gr.Row():
