@@ -182,7 +182,7 @@ def test_an_oversized_question_is_an_error_row_and_never_reaches_the_model(tmp_p
 # (--limit 0 means "all questions" on the command line and in EvalConfig, as 0 means "all" for max_train_samples.)
 @pytest.mark.parametrize("flag,value,word", [("--limit", "-100", "limit"),
                                              ("--max-new-tokens", "0", "max_new_tokens"),
-                                             ("--batch-size", "0", "batch_size"),
+                                             ("--batch-size", "-1", "batch_size"),
                                              ("--concurrency", "-1", "concurrency")])
 def test_bad_numbers_are_refused_before_any_model_loads(tmp_path, capsys, flag, value, word):
     data = make_chartqa(tmp_path / "d", n=2)
@@ -215,6 +215,18 @@ def test_reusing_out_with_other_models_is_refused_but_extending_the_list_works(t
     assert [m["ref"] for m in json.loads((out / "eval.json").read_text())["models"]] == ["local:a", "local:b"]
 
 
+class Launcher:
+    """Stands in for training.launchers.LocalLauncher in the Benchmark tab: records each job's config."""
+    started: list = []
+
+    def __init__(self, workspace):
+        pass
+
+    def start(self, cfg):
+        Launcher.started.append(cfg)
+        return {"id": "j", "short": "bench-1", "status": "running", "task": "bench", "output_dir": cfg.out}
+
+
 def test_two_benchmarks_started_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
     from datetime import datetime
 
@@ -226,12 +238,16 @@ def test_two_benchmarks_started_in_the_same_second_get_two_folders(tmp_path, mon
         def now(cls, tz=None):
             return datetime(2026, 1, 2, 3, 4, 5)
 
-    outs = []
     monkeypatch.setattr(benchmark_tab, "datetime", Frozen)
-    monkeypatch.setattr(benchmark_tab, "run_eval", lambda data, models, out, **kw: outs.append(Path(out)) or [])
+    monkeypatch.setattr(benchmark_tab, "LocalLauncher", Launcher)
+    monkeypatch.setattr(benchmark_tab, "describe", lambda job: job["short"])
+    Launcher.started = []
     studio = Studio(tmp_path / "ws", "base")
+    data = studio.path("datasets") / "ds"
+    data.mkdir(parents=True)
     for _ in range(2):
-        benchmark_tab._run(studio, str(tmp_path / "ws" / "datasets" / "ds"), "test", 0, "", ["local:m"], "", 16, lambda *a, **k: None)
+        benchmark_tab._start(studio, str(data), "test", 0, "", ["local:m"], "", 16)
+    outs = [Path(cfg.out) for cfg in Launcher.started]
     assert len(set(outs)) == 2 and all(o.parent == studio.path("evals") for o in outs)
 
 
@@ -241,10 +257,12 @@ def test_a_benchmark_name_cannot_leave_workspace_evals(tmp_path, monkeypatch, na
 
     from studio import benchmark_tab
     from studio.context import Studio
-    monkeypatch.setattr(benchmark_tab, "run_eval", lambda *a, **k: pytest.fail("run started"))
+    monkeypatch.setattr(benchmark_tab, "LocalLauncher", lambda *a, **k: pytest.fail("job started"))
+    studio = Studio(tmp_path / "ws", "base")
+    data = studio.path("datasets") / "ds"
+    data.mkdir(parents=True)
     with pytest.raises(gr.Error, match="name"):
-        benchmark_tab._run(Studio(tmp_path / "ws", "base"), str(tmp_path / "ds"), "test", 0, name, ["local:m"], "",
-                           16, lambda *a, **k: None)
+        benchmark_tab._start(studio, str(data), "test", 0, name, ["local:m"], "", 16)
     assert not (tmp_path / "outside").exists()
 
 

@@ -17,9 +17,13 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    """Every file a user reads (images and split files), by relative path."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "dataset.json" and not p.name.startswith(".")}
+    """Every file a user reads (images, split files, the saved config less its own `out`), by relative path."""
+    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name != "dataset.json" and not p.name.startswith(".")}
+    if "generate_config.yaml" in files:
+        files["generate_config.yaml"] = b"\n".join(line for line in files["generate_config.yaml"].splitlines()
+                                                   if not line.startswith(b"out: "))
+    return files
 
 
 # ---------------------------------------------------------------- arguments
@@ -52,7 +56,7 @@ def test_charts_tab_with_no_kind_ticked_shows_an_error_and_writes_nothing(tmp_pa
         parts = charts_tab.build(Studio(tmp_path, "base"))
     on_generate = _wired(demo, parts["generate"])
     with pytest.raises(gr.Error, match="chart kind"):
-        on_generate("ds", [], list(charts.FAMILIES), 4, 0, 3, "0.8,0.1,0.1", False, 0.5, progress=lambda *a, **k: None)
+        on_generate("ds", [], list(charts.FAMILIES), 4, 0, 3, "0.8,0.1,0.1", False, 0.5)
     assert not (tmp_path / "datasets" / "ds").exists()
 
 
