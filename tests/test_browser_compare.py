@@ -20,8 +20,11 @@ def test_upload_ask_and_see_base_and_adapter_answers(studio_page, tmp_path):
     page.locator("input[type=file]").first.set_input_files(str(chart))
     page.get_by_label("Question").fill("What is the number of active users in 2020?")
     page.get_by_role("button", name="Compare", exact=True).click()
+    # both answers written and neither side still streaming (a side shows its first token long before its last)
     page.wait_for_function("""() => [...document.querySelectorAll('textarea')]
-        .filter(t => t.closest('.answer')).every(t => t.value.trim().length > 0)""", timeout=60_000)
+        .filter(t => t.closest('.answer')).every(t => t.value.trim().length > 0)
+        && !document.body.innerText.includes('· streaming') && !document.body.innerText.includes('waiting…')""",
+                           timeout=60_000)
     a, b = answers(page)
     assert a and b and a != b, (a, b)       # the demo adapter changes this answer (base 10.5k, adapter 11.5k)
     assert "\ufffd" not in a + b            # readable text, not bytes
