@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 DEMO = "demo"
+COMPILE = {"auto": "auto", "on": True, "off": False}     # --compile -> the engine's compile option
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default with --base demo: the demo adapter)")
     p.add_argument("--quantize", default="auto", choices=("auto", "4bit", "none"),
                    help="local models on CUDA: auto = bf16 when the base fits in free GPU memory, else 4-bit nf4")
+    p.add_argument("--compile", default="auto", choices=tuple(COMPILE),
+                   help="local models on CUDA: compile the decode step at load (auto = on with CUDA; ~3 min for a "
+                        "7B, ~1.3x faster tokens); off loads in seconds")
     p.add_argument("--auth-file", default=None, help="file holding the USER:PASSWORD login (or set env "
                    "STUDIO_AUTH); required when --host is not loopback")
     p.add_argument("--auth", default=None, help=argparse.SUPPRESS)   # refused: argv shows in the process list
@@ -97,9 +101,10 @@ def main(argv=None) -> None:
     from studio.app import CSS, build_app
     from studio.context import Studio
 
-    studio = Studio(workspace=workspace, base=base, adapter=adapter, quantize=args.quantize)
+    studio = Studio(workspace=workspace, base=base, adapter=adapter, quantize=args.quantize,
+                    compile=COMPILE[args.compile])
     print(f"Base model: {base}" + (f"\nAdapter:    {adapter}" if adapter else ""), flush=True)
-    # Load (and on CUDA, capture the decode graphs) before serving, so no first click waits for it.
+    # Load (and on CUDA, compile and capture the decode step) before serving, so no first click waits for it.
     for ref in [f"local:{base}"] + ([f"local:{base}+{adapter}"] if adapter else []):
         studio.pool.backend(ref, on_progress=lambda msg: print(f"  {msg}", flush=True), **studio.local_options())
     print("Loaded: " + "; ".join(e["mode"] for e in studio.pool.loaded()), flush=True)

@@ -15,12 +15,13 @@ class Studio:
     adapter: str | None = None  # default LoRA adapter folder for side B, if any
     pool: ModelPool = field(default_factory=ModelPool, compare=False)
     quantize: str = "auto"    # auto: bf16 when the base fits the GPU, else 4-bit; "4bit" / "none" force one
+    compile: bool | str = "auto"   # compile the decode step on CUDA (auto: on with CUDA); False loads fast
 
     def path(self, *parts: str) -> Path:
         return self.workspace.joinpath(*parts)
 
     def local_options(self) -> dict:
-        return {"quantize": self.quantize}
+        return {"quantize": self.quantize, "compile": self.compile}
 
     def backend_options(self, wire: str | None = None) -> dict:
         """Options per backend kind, as the tabs open models: local precision; endpoints with what

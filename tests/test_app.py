@@ -22,6 +22,14 @@ def test_defaults_bind_loopback_on_the_demo_model():
     assert args.host == "127.0.0.1" and args.base == app.DEMO and args.port == 7860
 
 
+def test_the_compile_flag_reaches_the_engine_the_tabs_share(demo_model, tmp_path):
+    from studio.context import Studio
+    studio = Studio(tmp_path, str(demo_model), compile=app.COMPILE[app.parse_args(["--compile", "off"]).compile])
+    backend = studio.pool.backend(f"local:{demo_model}", **studio.local_options())
+    assert backend.engine.compile is False and not backend.engine.generator.use_compile
+    assert studio.pool.backend(f"local:{demo_model}", **studio.backend_options()["local"]).engine is backend.engine
+
+
 def test_auth_must_be_user_colon_password():
     assert app.parse_auth("alice:s3cret:with:colons") == ("alice", "s3cret:with:colons")
     assert app.parse_auth(None) is None
