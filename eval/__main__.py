@@ -143,7 +143,8 @@ def cmd_side_by_side(args) -> int:
     width = shutil.get_terminal_size((100, 20)).columns - 1
     labels = "ABCDEFGH"[:len(refs)]
     sides, shown = [], 0
-    stream = compare_stream(refs, request, ModelPool(), {"local": {"quantize": args.quantize}}, args.gold or [])
+    pool = ModelPool()
+    stream = compare_stream(refs, request, pool, {"local": {"quantize": args.quantize}}, args.gold or [])
     try:
         for sides in stream:
             if live:
@@ -153,6 +154,7 @@ def cmd_side_by_side(args) -> int:
                 shown = len(lines)
     finally:
         stream.close()
+        pool.unload(wait=10.0)     # the engines' workers end before the process does
     print()
     for label, side in zip(labels, sides):   # the whole answers, wrapped as the terminal wraps them
         print(f"{label}  {short_name(side.ref)}  ({side.ref})")

@@ -400,9 +400,12 @@ class Engine:
                 for j in jobs:
                     j.done.set()
 
-    def close(self) -> None:
-        """Stop the worker once its queue is done, so nothing keeps the model alive."""
+    def close(self, wait: float = 0.0) -> None:
+        """Stop the worker once its queue is done, so nothing keeps the model alive; `wait` seconds for it
+        to end (a process about to exit must not leave it inside a torch kernel: that aborts the exit)."""
         self._jobs.put(None)
+        if wait:
+            self._worker.join(wait)
 
     def submit(self, job: _Job) -> _Job:
         self._jobs.put(job)

@@ -107,12 +107,13 @@ class ModelPool:
                  "load_s": round(e.load_seconds, 1), "warm_s": round(e.warm_seconds, 1),
                  "answer_room": e.max_positions - getattr(e, "image_tokens", 0) - 96} for e in engines]
 
-    def unload(self) -> int:
-        """Forget every idle engine (its memory is freed once no backend refers to it); returns how many."""
+    def unload(self, wait: float = 0.0) -> int:
+        """Forget every idle engine (its memory is freed once no backend refers to it); returns how many.
+        `wait`: seconds to let each engine's worker end (before a process exits)."""
         with self._lock:
             idle = [k for k, e in self._engines.items() if not e.busy]
             for k in idle:
-                self._engines.pop(k).close()
+                self._engines.pop(k).close(wait)
         gc.collect()
         try:
             import torch
