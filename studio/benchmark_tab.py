@@ -25,7 +25,7 @@ from eval.report import bar_chart, leaderboard_rows, list_evals, write_reports
 from eval.config import SPLITS, EvalConfig
 from eval.run import named_eval_dir, new_eval_dir, read_runs
 from studio.context import Studio
-from training.launchers import LocalLauncher, describe, newest
+from training.launchers import LocalLauncher, describe, newest, stop_newest
 
 # scores first and the full model ref last, so a narrow table still shows who scored what
 BOARD_COLUMNS = ["model", "relaxed_ref", "relaxed_norm", "exact", "anls", "n", "n_errors", "eval", "dataset", "split",
@@ -198,10 +198,7 @@ def build(studio: Studio) -> dict:
         return _start(studio, dataset_, split_, limit_, name_, models_, suffix_, max_new_tokens_, wire_)
 
     def on_stop():
-        job = newest(studio.workspace, "bench")
-        if job and job["status"] == "running":
-            job = LocalLauncher(studio.workspace).stop(job)
-        return job_status(job)
+        return job_status(stop_newest(studio.workspace, "bench"))
 
     def watch(last):
         """Every tick: the newest benchmark job's line; when it has just ended, the lists it changed."""

@@ -17,7 +17,7 @@ import charts
 from charts.config import GenerateConfig
 from charts.io import inside
 from studio.context import Studio
-from training.launchers import LocalLauncher, describe, newest
+from training.launchers import LocalLauncher, describe, newest, stop_newest
 
 GALLERY_LIMIT = 60
 
@@ -111,10 +111,7 @@ def build(studio: Studio) -> dict:
             raise gr.Error(str(e))
 
     def on_stop():
-        job = newest(studio.workspace, "charts")
-        if job and job["status"] == "running":
-            job = LocalLauncher(studio.workspace).stop(job)
-        return job_status(job)
+        return job_status(stop_newest(studio.workspace, "charts"))
 
     def watch(last):
         """Every tick: the newest generation job's line; when it has just finished, its dataset opened."""

@@ -364,6 +364,14 @@ def newest(workspace: Path, task: str) -> dict | None:
     return LocalLauncher(workspace).status(job) if job.get("kind") == "local" else job
 
 
+def stop_newest(workspace: Path, task: str) -> dict | None:
+    """Stop the most recent job of one task if it is running (a tab's Stop button); returns it as it now is."""
+    job = newest(workspace, task)
+    if job and job["status"] == "running":
+        job = LocalLauncher(workspace).stop(job)
+    return job
+
+
 def _new_dir(root: Path, stem: str) -> Path:
     """A new folder root/stem (or stem-2, ...): mkdir creates or fails, so two jobs never share one."""
     root.mkdir(parents=True, exist_ok=True)
