@@ -401,11 +401,9 @@ class Engine:
                     j.done.set()
 
     def close(self, wait: float = 0.0) -> None:
-        """Stop the worker once its queue is done, so nothing keeps the model alive; `wait` seconds for it
-        to end (a process about to exit must not leave it inside a torch kernel: that aborts the exit)."""
+        """Stop the worker once its queue is done; `wait` s for it to end (before exiting: not inside torch)."""
         self._jobs.put(None)
-        if wait:
-            self._worker.join(wait)
+        self._worker.join(wait)
 
     def submit(self, job: _Job) -> _Job:
         self._jobs.put(job)
