@@ -48,7 +48,7 @@ class TrainConfig:
                                       "vision tower.", group="recipe")
     train_projector: bool = _f(True, "Train the multimodal projector in full (saved inside the adapter).", group="recipe")
     modules_to_save: str = _f("", "More modules trained in full and saved in the adapter, comma-separated "
-                                  "(e.g. lm_head,embed_tokens: the random demo model must learn its vocabulary).",
+                                  "(e.g. lm_head,embed_tokens, when new tokens must be learnt).",
                               group="recipe")
     learning_rate: float = _f(2e-4, "Peak learning rate of the language model (LoRA) weights.", group="recipe")
     mm_projector_lr: float = _f(2e-5, "Peak learning rate of the projector.", group="recipe")
