@@ -54,7 +54,8 @@ def test_engine_scores_match_plain_transformers_and_peft(demo_model, tmp_path, q
     mine = base.engine.first_logits([request, request], [0, tuned.slot])
     for k, ref in enumerate((plain_logits(demo_model, None, request, quantize),
                              plain_logits(demo_model, adapter, request, quantize))):
-        assert torch.allclose(mine[k], ref, atol=0.05), (k, float((mine[k] - ref).abs().max()))
+        # bf16 logits: one rounding step of a score near 10 is 0.0625, so the tolerance is relative too
+        assert torch.allclose(mine[k], ref, atol=0.05, rtol=0.01), (k, float((mine[k] - ref).abs().max()))
     assert not torch.allclose(mine[0], mine[1], atol=1e-2)
 
 
@@ -137,6 +138,30 @@ def test_compiled_static_cache_greedy_output_equals_the_dynamic_hf_path(demo_mod
     for r, t, steps in zip(requests, theirs, margins):
         mine = base.generate([r])[0]
         assert mine == t or near_tie_at_divergence(mine, t, steps), (mine, t)
+
+
+def test_large_batches_run_the_dynamic_compiled_language_model_with_eager_scores(demo_model):
+    from eval.engine import BATCH_COMPILE_MIN
+    requests = [Request(Image.effect_noise((40 + 4 * i, 64), 20 + i).convert("RGB"), f"what is bar {i}", max_new_tokens=8)
+                for i in range(BATCH_COMPILE_MIN + 2)]
+    eager = ModelPool().backend(f"local:{demo_model}", quantize="none", compile=False).engine
+    compiled = ModelPool().backend(f"local:{demo_model}", quantize="none").engine
+    slots = [0] * len(requests)
+    mine, ref = compiled.first_logits(requests, slots), eager.first_logits(requests, slots)
+    assert compiled.generator.batch_compile_error is None and ("prefill", ("inputs_embeds",)) in \
+        compiled.generator._batched_shapes
+    assert torch_allclose(mine, ref), float((mine - ref).abs().max())
+    answers = compiled.generate(requests, slots)
+    assert ("decode", ("input_ids",)) in compiled.generator._batched_shapes and all(isinstance(a, str) for a in answers)
+    from torch._dynamo.utils import counters
+    graphs = counters["stats"]["unique_graphs"]
+    compiled.generate(requests[:-1], slots[:-1])
+    assert counters["stats"]["unique_graphs"] == graphs, "another batch size reuses the dynamic-shape graphs"
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+    return torch.allclose(a, b, atol=0.05, rtol=0.01)     # bf16 logits, fused vs eager rounding
 
 
 def test_a_failing_compile_still_captures_the_plain_step(demo_model, monkeypatch):
