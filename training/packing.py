@@ -69,20 +69,26 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     return out[None].to(query.dtype), None          # (1, tokens, heads, dim), as sdpa_attention_forward returns
 
 
+_KERNEL: dict = {}      # filled once, outside any compiled region (inspect does not trace under dynamo)
+
+
 def call_varlen(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale=None):
     """Causal varlen attention across torch versions: 2.9 takes `is_causal`, later ones a `window_size`
     ((-1, 0) is causal) and `scale`."""
-    import inspect
+    if not _KERNEL:
+        import inspect
 
-    from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if scale is not None and "scale" in params:
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        _KERNEL.update(fn=varlen_attn, causal=causal, scale="scale" in params)
+    kw = dict(_KERNEL["causal"])
+    if scale is not None and _KERNEL["scale"]:
         kw["scale"] = scale
     elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
         raise RuntimeError(f"this torch's varlen_attn takes no scale and the model's is {scale}")
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+    return _KERNEL["fn"](q, k, v, cu_q, cu_k, max_q, max_k, **kw)
 
 
 def _mask_or_none(*args, attention_mask=None, **kwargs):
