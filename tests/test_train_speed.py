@@ -184,7 +184,6 @@ def test_packed_batch_gives_every_sample_its_padded_loss(demo_model, dataset):
         ours, ref = pack_loss[start:start + n], pad_loss[i, :n]
         # the same labelled positions (the last token of a sample never predicts the next sample's first)
         assert ours.nonzero().flatten().tolist() == ref.nonzero().flatten().tolist()
-        print('MEASURE per-sample', i, abs(ours.sum().item() - ref.sum().item()))
         assert abs(ours.sum().item() - ref.sum().item()) < 1e-4, i
         start += n
 
@@ -201,7 +200,6 @@ def test_a_packed_token_never_attends_to_another_sample(demo_model, dataset):
     changed["pixel_values"][0] = torch.randn_like(changed["pixel_values"][0])
     before, after = forward(model, packed), forward(model, changed)
     assert (before[0, :first] - after[0, :first]).abs().max() > 1e-2           # sample 1 did change
-    print('MEASURE boundary', (before[0, first:] - after[0, first:]).abs().max().item())
     assert torch.allclose(before[0, first:], after[0, first:], atol=1e-5)   # sample 2 did not
 
 
@@ -213,7 +211,6 @@ def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_p
                     eval_limit=0))
         curves[packing] = curve(out)
     assert len(curves[False]) >= 5
-    print('MEASURE packing curve', max(abs(a - b) for a, b in zip(curves[True], curves[False])), curves)
     assert curves[True] == pytest.approx(curves[False], abs=2e-4)
 
 
@@ -250,7 +247,6 @@ def test_varlen_attention_path_matches_the_block_mask(demo_model, dataset, monke
     assert model.config.vision_config._attn_implementation == "sdpa"
     got = forward(model, packed)
     assert len(calls) == model.config.text_config.num_hidden_layers
-    print('MEASURE varlen', (got - masked).abs().max().item())
     assert torch.allclose(got, masked, atol=1e-4)
     assert torch.allclose(forward(model, padded), masked_padded, atol=1e-4) and len(calls) == len(
         model.model.language_model.layers)     # the padded batch did not take the varlen path
@@ -283,7 +279,6 @@ def test_compiled_layers_leave_the_loss_curve_equal(demo_model, dataset):
         return out
 
     eager, compiled = losses(False), losses(True)
-    print('MEASURE compile inductor', eager, compiled)
     assert compiled == pytest.approx(eager, abs=1e-4)
 
 
@@ -299,7 +294,6 @@ def test_the_compile_option_compiles_the_layers_of_a_run(demo_model, dataset, tm
         train(quick(demo_model, dataset, out, compile=compiled, max_steps=2, save_steps=100, eval_limit=0))
         curves[compiled] = curve(out)
     assert "decoder layers compiled" in capsys.readouterr().out
-    print('MEASURE compile wiring', curves)
     assert curves[True] == pytest.approx(curves[False], abs=1e-5)
 
 
