@@ -203,12 +203,13 @@ def test_a_packed_token_never_attends_to_another_sample(demo_model, dataset):
     assert torch.allclose(before[0, first:], after[0, first:], atol=1e-5)   # sample 2 did not
 
 
+@pytest.mark.slow
 def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path):
     curves = {}
     for packing in (False, True):
         out = tmp_path / str(packing)
-        train(quick(demo_model, dataset, out, packing=packing, max_steps=5, save_steps=100, per_device_batch_size=4,
-                    eval_limit=0))
+        train(quick(demo_model, dataset, out, packing=packing, max_steps=5, save_steps=100, grad_accum=2,
+                    per_device_batch_size=2, eval_limit=0))
         curves[packing] = curve(out)
     assert len(curves[False]) >= 5
     assert curves[True] == pytest.approx(curves[False], abs=2e-4)
@@ -297,6 +298,25 @@ def test_the_compile_option_compiles_the_layers_of_a_run(demo_model, dataset, tm
     assert curves[True] == pytest.approx(curves[False], abs=1e-5)
 
 
+def test_all_decoder_layers_share_one_compiled_graph(demo_model):
+    # A KV cache in the layers' inputs (the config's use_cache default, without gradient checkpointing) made
+    # dynamo compile once per layer: 32 layers of a 7B pass its recompile limit of 8 and the rest run eagerly.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForImageTextToText
+
+    from training.compiling import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).train()
+    compile_layers(model, backend="eager")
+    ids = torch.randint(10, 200, (1, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 def test_a_layer_that_fails_to_compile_runs_eagerly_with_the_reason(demo_model, monkeypatch):
     from transformers import AutoModelForImageTextToText
 
@@ -307,7 +327,7 @@ def test_a_layer_that_fails_to_compile_runs_eagerly_with_the_reason(demo_model, 
             raise RuntimeError("inductor: no lowering for bitsandbytes::gemv_4bit")
         return call
 
-    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).train()    # no dropout
     ids = torch.randint(10, 200, (1, 12))
     with torch.no_grad():
         ref = model(input_ids=ids).logits

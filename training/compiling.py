@@ -1,11 +1,12 @@
 """Regional compilation: `torch.compile` on each decoder layer of the language model, not the whole model.
 
-All decoder layers share one code object, so the first compiles it and the others reuse it (seconds, where
-a whole-model compile of a 7B takes minutes and breaks on the vision tower, the image scatter and the loss).
-The compiled call sits inside the layer's `__call__`, under gradient checkpointing's recompute, and around
-PEFT's LoRA linears. A layer that fails to compile (an op inductor cannot trace, such as a 4-bit kernel on
-some bitsandbytes builds, or no C++ compiler on a CPU) makes every layer run eagerly from then on, with the
-reason logged once: the run goes on at eager speed instead of stopping.
+The decoder layers run the same code, so dynamo compiles it once and every layer reuses the graph (a
+whole-model compile would also trace the vision tower, the image scatter and the loss, and compile again
+for each of them). The compiled call sits inside the layer's `__call__`: around gradient checkpointing's
+recompute and PEFT's LoRA linears. Only training forwards are compiled; evaluation and generation (a KV
+cache, one-token steps) run the layers eagerly. A layer that fails to compile (an op inductor cannot trace,
+such as a 4-bit kernel of some bitsandbytes build, or no C++ compiler on a CPU) makes every layer run
+eagerly from then on, with the reason logged once: the run goes on at eager speed instead of stopping.
 """
 from __future__ import annotations
 
@@ -30,12 +31,18 @@ def compile_layers(model, **compile_kwargs) -> dict:
     import torch
 
     state = {"layers": 0, "failed": None}
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    # Training forwards build no KV cache: a cache object per layer in the layer's inputs makes dynamo compile
+    # again for each layer (past its recompile limit of 8); generation asks for its cache explicitly.
+    if getattr(decoder, "config", None) is not None:
+        decoder.config.use_cache = False
     for layer in decoder_layers(model):
         eager = layer._call_impl
         compiled = torch.compile(eager, **compile_kwargs)
 
-        def call(*args, _compiled=compiled, _eager=eager, **kwargs):
-            if state["failed"] is None:
+        def call(*args, _compiled=compiled, _eager=eager, _layer=layer, **kwargs):
+            # evaluation and generation (a cache, one-token steps) stay eager: training is what is compiled
+            if state["failed"] is None and _layer.training:
                 try:
                     return _compiled(*args, **kwargs)
                 except torch.cuda.OutOfMemoryError:
