@@ -14,13 +14,12 @@ bf16, batch 8, lr 2e-4 cosine. Two datasets:
 
 Runs (each its own process, so peak memory and Liger's patches belong to one run): `trl`, `project` (the
 TrainConfig defaults), and `project` with each speed option set to each other value (`loss_impl=hf`,
-`adapter_dtype=float32`, `liger=false`, `packing=true`, `compile=true`, `optim=adamw_torch_fused`, ...), so the
-table shows what each pays. Timing: --warm steps, then
---timed steps; samples_s = timed samples / wall time from the end of the last warm-up step to the end of
-the last step (data loading included; CUDA synchronised at each step end); step_samples_s is the same from
-the median forward+backward+optimizer step alone. tok_s = samples_s x the dataset's mean real tokens per
-sample; mfu = 6 x N x tok_s / 790 TFLOP/s (N = 7.063e9). Runs that would pass --deadline are skipped
-(recorded as such), in the order given.
+`adapter_dtype=float32`, `liger=false`, `packing=true`, `compile=true`, `optim=adamw_torch_fused`, ...), so
+the table shows what each pays. Timing: --warm steps, then --timed steps; samples_s = timed samples / wall
+time from the end of the last warm-up step to the end of the last step (data loading included; CUDA
+synchronised at each step end); step_samples_s is the same from the median forward+backward+optimizer step
+alone. tok_s = samples_s x the dataset's mean real tokens per sample; mfu = 6 x N x tok_s / 790 TFLOP/s
+(N = 7.063e9). Runs that would pass --deadline are skipped (recorded as such), in the order given.
 """
 from __future__ import annotations
 
