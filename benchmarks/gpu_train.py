@@ -14,12 +14,12 @@ bf16, batch 8, lr 2e-4 cosine. Two datasets:
 
 Runs (each its own process, so peak memory and Liger's patches belong to one run): `trl`, `project` (the
 TrainConfig defaults), and `project` with each speed option set to each other value (`loss_impl=hf`,
-`adapter_dtype=float32`, `liger=false`, ...), so the table shows what each pays. Timing: --warm steps, then
---timed steps; samples_s = timed samples / wall time from the end of the last warm-up step to the end of
-the last step (data loading included; CUDA synchronised at each step end); step_samples_s is the same from
-the median forward+backward+optimizer step alone. tok_s = samples_s x the dataset's mean real tokens per
-sample; mfu = 6 x N x tok_s / 790 TFLOP/s (N = 7.063e9). Runs that would pass --deadline are skipped
-(recorded as such), in the order given.
+`adapter_dtype=float32`, `liger=false`, `packing=true`, `compile=true`, `optim=adamw_torch_fused`, ...), so
+the table shows what each pays. Timing: --warm steps, then --timed steps; samples_s = timed samples / wall
+time from the end of the last warm-up step to the end of the last step (data loading included; CUDA
+synchronised at each step end); step_samples_s is the same from the median forward+backward+optimizer step
+alone. tok_s = samples_s x the dataset's mean real tokens per sample; mfu = 6 x N x tok_s / 790 TFLOP/s
+(N = 7.063e9). Runs that would pass --deadline are skipped (recorded as such), in the order given.
 """
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_pro
 WORDS = ("value share percent highest lowest largest smallest maximum minimum category chart title axis legend "
          "label difference ratio sum total average mean rank order first second third increase decrease trend "
          "year month quarter revenue sales users people hours minutes million thousand billion dollars").split()
-# the speed options measured one at a time against the defaults
-OPTIONS = ("loss_impl", "adapter_dtype", "liger")
+# the speed options measured one at a time against the defaults: a field (every other value of it), or
+# (field, value) for a field without choices
+OPTIONS = ("loss_impl", "adapter_dtype", "liger", "packing", "compile", ("optim", "adamw_torch_fused"))
 
 
 def log(*a):
@@ -297,10 +298,12 @@ def variants() -> list[tuple[str, dict]]:
 
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     first, rest = [], []
-    for name in OPTIONS:
+    for option in OPTIONS:
+        name, value = option if isinstance(option, tuple) else (option, None)
         f = fields[name]
         # choices listed last first: "hf" (the option off) before "liger" for loss_impl
-        others = [v for v in reversed(f.metadata.get("choices") or (False, True)) if v != f.default]
+        others = [value] if value is not None else \
+            [v for v in reversed(f.metadata.get("choices") or (False, True)) if v != f.default]
         runs = [(f"{name}={str(v).lower()}", {name: v}) for v in others]
         first, rest = first + runs[:1], rest + runs[1:]
     return [("project", {})] + first + rest

@@ -142,3 +142,234 @@ def test_unknown_loss_impl_and_adapter_dtype_are_refused():
         TrainConfig(loss_impl="fused")
     with pytest.raises(ConfigError, match="adapter_dtype"):
         TrainConfig(adapter_dtype="float16")
+
+
+# ---------------------------------------------------------------- packing
+def packed_and_padded(demo_model, dataset, n=4):
+    from transformers import AutoProcessor
+
+    from training.data import ChatDataset, Collator, read_records
+    from training.packing import PackingCollator
+
+    processor = AutoProcessor.from_pretrained(demo_model)
+    ds = ChatDataset(read_records(dataset / "train.jsonl")[:n], processor, 1024)
+    samples = [ds[i] for i in range(n)]
+    return samples, PackingCollator()(samples), Collator(processor.tokenizer.pad_token_id)(samples)
+
+
+def token_losses(logits, labels):
+    """Per-position cross-entropy of the next token (0 where it is not a label)."""
+    shifted = torch.nn.functional.pad(labels[..., 1:], (0, 1), value=-100)
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), shifted, ignore_index=-100,
+                                             reduction="none")
+
+
+def forward(model, batch):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def test_packed_batch_gives_every_sample_its_padded_loss(demo_model, dataset):
+    from transformers import AutoModelForImageTextToText
+
+    samples, packed, padded = packed_and_padded(demo_model, dataset)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert len(set(lengths)) > 1 and packed["input_ids"].shape == (1, sum(lengths))     # no pad token in the row
+    assert "attention_mask" not in packed and packed["cu_seq_lens_q"].tolist()[-1] == sum(lengths)
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).eval()
+    pack_loss = token_losses(forward(model, packed), packed["labels"])[0]
+    pad_loss = token_losses(forward(model, padded), padded["labels"])
+    start = 0
+    for i, n in enumerate(lengths):
+        ours, ref = pack_loss[start:start + n], pad_loss[i, :n]
+        # the same labelled positions (the last token of a sample never predicts the next sample's first)
+        assert ours.nonzero().flatten().tolist() == ref.nonzero().flatten().tolist()
+        assert abs(ours.sum().item() - ref.sum().item()) < 1e-4, i
+        start += n
+
+
+def test_a_packed_token_never_attends_to_another_sample(demo_model, dataset):
+    from transformers import AutoModelForImageTextToText
+
+    samples, packed, _ = packed_and_padded(demo_model, dataset, n=2)
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).eval()
+    first = len(samples[0]["input_ids"])
+    changed = {**packed, "input_ids": packed["input_ids"].clone(), "pixel_values": packed["pixel_values"].clone()}
+    text = (changed["input_ids"][0, :first] != model.config.image_token_id).nonzero().flatten()[1:]
+    changed["input_ids"][0, text] = torch.randint(10, 200, (len(text),))    # sample 1's text and image changed
+    changed["pixel_values"][0] = torch.randn_like(changed["pixel_values"][0])
+    before, after = forward(model, packed), forward(model, changed)
+    assert (before[0, :first] - after[0, :first]).abs().max() > 1e-2           # sample 1 did change
+    assert torch.allclose(before[0, first:], after[0, first:], atol=1e-5)   # sample 2 did not
+
+
+@pytest.mark.slow
+def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path):
+    curves = {}
+    for packing in (False, True):
+        out = tmp_path / str(packing)
+        train(quick(demo_model, dataset, out, packing=packing, max_steps=5, save_steps=100, grad_accum=2,
+                    per_device_batch_size=2, eval_limit=0))
+        curves[packing] = curve(out)
+    assert len(curves[False]) >= 5
+    assert curves[True] == pytest.approx(curves[False], abs=2e-4)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+    """What torch's CUDA varlen kernel computes (causal attention within each segment), in plain SDPA."""
+    assert kw in ({"is_causal": True}, {"window_size": (-1, 0)}, {"window_size": (-1, 0), "scale": kw.get("scale")})
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+        seg = [t[a:b].transpose(0, 1)[None].float() for t in (q, k, v)]
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=kw.get("scale"))[0] \
+            .transpose(0, 1).to(q.dtype)
+    return out
+
+
+def test_varlen_attention_path_matches_the_block_mask(demo_model, dataset, monkeypatch):
+    # The CUDA path's plumbing (attention swapped on the language model only, boundaries from the collator, no
+    # mask built, padded batches still on SDPA) on CPU, with the kernel replaced by its definition.
+    from torch.nn.attention import varlen
+    from transformers import AutoModelForImageTextToText
+
+    from training import packing
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen)
+    monkeypatch.setattr(packing, "_KERNEL", {})
+    monkeypatch.setattr(packing, "varlen_available", lambda device: None)
+    samples, packed, padded = packed_and_padded(demo_model, dataset)
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).eval()
+    masked, masked_padded = forward(model, packed), forward(model, padded)
+    calls = []
+    real = packing.call_varlen
+    monkeypatch.setattr(packing, "call_varlen", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert packing.packed_attention(model, "sdpa", on_cuda=True) == "varlen"
+    assert model.config.text_config._attn_implementation == packing.VARLEN
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    got = forward(model, packed)
+    assert len(calls) == model.config.text_config.num_hidden_layers
+    assert torch.allclose(got, masked, atol=1e-4)
+    assert torch.allclose(forward(model, padded), masked_padded, atol=1e-4) and len(calls) == len(
+        model.model.language_model.layers)     # the padded batch did not take the varlen path
+
+
+# ---------------------------------------------------------------- compile, dropout, optimizer
+@pytest.mark.slow
+def test_compiled_layers_leave_the_loss_curve_equal(demo_model, dataset):
+    # Inductor on CPU compiles the shared layer code once (~15 s), so the curve is two AdamW steps on one
+    # batch (a second shape would compile again) with LoRA and gradient checkpointing, as training runs it.
+    from training.compiling import compile_layers
+
+    batch = a_batch(demo_model, dataset)
+
+    def losses(compiled):
+        model = lora_model(demo_model)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.train()
+        if compiled:
+            assert compile_layers(model)["layers"] == model.config.text_config.num_hidden_layers
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        out = []
+        for _ in range(2):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    eager, compiled = losses(False), losses(True)
+    assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def test_the_compile_option_compiles_the_layers_of_a_run(demo_model, dataset, tmp_path, monkeypatch, capsys):
+    # The wiring (TrainConfig.compile -> compile_layers after LoRA, before the Trainer), with dynamo's eager
+    # backend: it traces the layers as inductor would, without the minute of C++ builds for each new shape.
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    curves = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        train(quick(demo_model, dataset, out, compile=compiled, max_steps=2, save_steps=100, eval_limit=0))
+        curves[compiled] = curve(out)
+    assert "decoder layers compiled" in capsys.readouterr().out
+    assert curves[True] == pytest.approx(curves[False], abs=1e-5)
+
+
+def test_all_decoder_layers_share_one_compiled_graph(demo_model):
+    # A KV cache in the layers' inputs (the config's use_cache default, without gradient checkpointing) made
+    # dynamo compile once per layer: 32 layers of a 7B pass its recompile limit of 8 and the rest run eagerly.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForImageTextToText
+
+    from training.compiling import compile_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).train()
+    compile_layers(model, backend="eager")
+    ids = torch.randint(10, 200, (1, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
+def test_a_layer_that_fails_to_compile_runs_eagerly_with_the_reason(demo_model, monkeypatch):
+    from transformers import AutoModelForImageTextToText
+
+    from training.compiling import compile_layers
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("inductor: no lowering for bitsandbytes::gemv_4bit")
+        return call
+
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32).train()    # no dropout
+    ids = torch.randint(10, 200, (1, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    monkeypatch.setattr(torch, "compile", broken)
+    state = compile_layers(model)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = model(input_ids=ids).logits
+    assert state["layers"] == model.config.text_config.num_hidden_layers and "gemv_4bit" in state["failed"]
+    assert sum("run eagerly" in str(w.message) for w in caught) == 1 and torch.equal(got, ref)
+
+
+def test_lora_dropout_zero_builds_no_dropout_module(demo_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    def dropouts(p):
+        model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_dropout=p, target_modules=r".*language_model.*\.q_proj"))
+        return {type(m).__name__ for n, m in model.named_modules() if n.endswith("lora_dropout.default")}
+
+    assert dropouts(0.0) == {"Identity"} and dropouts(0.05) == {"Dropout"}
+
+
+def test_adamw_torch_is_foreach_and_the_fused_one_is_accepted(demo_model, tmp_path):
+    from transformers import TrainingArguments
+    from transformers.trainer_optimizer import _get_adamw_torch  # noqa: F401 - the mapping the names go through
+
+    from transformers import Trainer
+
+    for name, fused in (("adamw_torch", None), ("adamw_torch_fused", True)):
+        TrainConfig(optim=name)      # the project's OPTIMIZERS list accepts both
+        args = TrainingArguments(output_dir=str(tmp_path), optim=name, report_to="none", use_cpu=True)
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        assert cls is torch.optim.AdamW and kwargs.get("fused") is fused
+
+
+def test_packing_and_compile_are_speed_fields_off_by_default():
+    from training.config import form_fields
+
+    fields = {f["name"]: f for f in form_fields()}
+    assert fields["packing"]["group"] == fields["compile"]["group"] == "speed"
+    assert TrainConfig().packing is False and TrainConfig().compile is False
+    with pytest.raises(ConfigError, match="true or false"):
+        TrainConfig.from_dict({"packing": "sometimes"})

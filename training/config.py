@@ -90,6 +90,14 @@ class TrainConfig:
                                         "and the QLoRA paper do); float32 as PEFT upcasts them. Without bf16 "
                                         "(CPU) they stay float32.",
                             choices=("bfloat16", "float32"), group="speed")
+    packing: bool = _f(False, "Padding-free batches: a batch's samples end to end in one row, position ids "
+                              "restarting per sample, attention kept within each sample (on CUDA torch's "
+                              "varlen flash kernel when it runs, else SDPA with a block-diagonal mask; "
+                              "flash_attention_2 reads the same boundaries). The loss is unchanged; no pad "
+                              "tokens are computed.", group="speed")
+    compile: bool = _f(False, "torch.compile each decoder layer of the language model (regional: one compile "
+                              "shared by all layers, under gradient checkpointing and LoRA); if a layer fails "
+                              "to compile the layers run eagerly, with the reason logged.", group="speed")
     dataloader_workers: int = _f(2, "Processes that load and preprocess images.", group="speed")
     # --- evaluation, checkpoints, logging
     eval_steps: int = _f(50, "Evaluate (val loss + relaxed accuracy) every N steps; 0: only at the end.", group="eval")

@@ -31,6 +31,7 @@ from training.checkpoints import (COMPLETE_MARKER, ResumeError, checkpoint_globa
 from training.config import ConfigError, TrainConfig, parse_args
 from training.data import (ChatDataset, Collator, EpochSampler, first_question, image_side, load_image, read_records,
                            split_file)
+from training.packing import PackingCollator
 
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
 DEEPSPEED = {"none": None, "zero2": "zero2.json", "zero3_offload": "zero3_offload.json"}
@@ -410,7 +411,13 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     if cfg.liger and on_cuda:       # Liger's kernels are Triton: GPU only
         from training.loss import apply_liger
         apply_liger(model)
+    if cfg.packing:
+        from training.packing import packed_attention
+        print(f"packing: attention over packed rows by {packed_attention(model, cfg.attn_implementation, on_cuda)}")
     model = add_lora(model, cfg, keep_full, bf16)
+    if cfg.compile:
+        from training.compiling import compile_layers
+        print(f"compile: {compile_layers(model)['layers']} decoder layers compiled (torch.compile, regional)")
 
     # 3. data: answer-only labels from the model's own chat template
     train_records = read_records(split_file(cfg.data, "train"))
@@ -443,8 +450,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
         dataloader_persistent_workers=cfg.dataloader_workers > 0, dataloader_pin_memory=on_cuda,
         deepspeed=ds_config, use_cpu=not on_cuda)
     stop = threading.Event()
+    collator = PackingCollator() if cfg.packing else Collator(processor.tokenizer.pad_token_id)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                               data_collator=Collator(processor.tokenizer.pad_token_id),
+                               data_collator=collator,
                                callbacks=_callbacks(paths["metrics"], processor, questions, cfg, stop)
                                + list(callbacks or []))
     trainer.projector_lr, trainer.group_by_length = cfg.mm_projector_lr, cfg.group_by_length
