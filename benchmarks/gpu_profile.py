@@ -6,8 +6,8 @@
 serve: benchmarks/gpu_serve.py's base, r128 adapter and questions (7B shapes, bf16, random weights);
        eval.run.run_eval on --n questions, base and base + adapter, timed whole; then again with the wall
        split into the engine's parts (prepare on the CPU, vision tower + projector, language-model prefill,
-       decode steps; CUDA synchronised around each part); then with the batched LM compiled (its compile
-       time, base and pair again).
+       decode steps; CUDA synchronised around each part); then one batch of --profile-batch questions
+       under the profiler.
 train: benchmarks/gpu_train.py's dataset (a) (fixed 835-token samples) with the TrainConfig defaults; two
        steps after the warm-up under the profiler.
 Each table: GPU kernel time by category (GEMM, 4-bit dequantize, attention, Triton, elementwise, copies,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -114,12 +115,12 @@ def serve(a) -> str:
     ref, pair = f"local:{base}", [f"local:{base}", f"local:{base}+{adapter}"]
     backend = pool.backend(ref, **opts)
     pool.backend(pair[1], **opts)
-    generator = backend.engine.generator
     log("serve: loaded", backend.engine.describe())
     run_eval(data, [ref], work / "warm", limit=32, backend_options=opts, pool=pool)
     out = [f"model {backend.engine.describe()}, {a.n} questions, 16 new tokens", ""]
 
     def timed_run(tag, models):
+        shutil.rmtree(work / f"evals-{tag}", ignore_errors=True)      # a rerun scores again, not resumes
         sync()
         t = time.perf_counter()
         sums = run_eval(data, models, work / f"evals-{tag}", limit=a.n, max_new_tokens=16, backend_options=opts,
@@ -152,8 +153,7 @@ def serve(a) -> str:
         return wrapper
 
     originals = {(Engine, "prepare"): Engine.prepare, (Generator, "_image_features"): Generator._image_features,
-                 (Generator, "_prefill"): Generator._prefill, (Generator, "decode"): Generator.decode,
-                 (Generator, "_batch_step"): Generator._batch_step}
+                 (Generator, "_prefill"): Generator._prefill, (Generator, "decode"): Generator.decode}
     for (cls, name), fn in originals.items():
         setattr(cls, name, clocked(f"{cls.__name__}.{name}", fn))
     try:
@@ -162,24 +162,26 @@ def serve(a) -> str:
         for (cls, name), fn in originals.items():
             setattr(cls, name, fn)
     vision = parts["Generator._image_features"]
-    decode = parts["Generator.decode"] + parts["Generator._batch_step"]
     out += ["", f"{'part (synchronised)':<40} {'s':>7} {'calls':>6}",
             f"{'prepare (CPU: template, tokens, pixels)':<40} {parts['Engine.prepare']:7.2f} {counts['Engine.prepare']:6d}",
             f"{'vision tower + projector':<40} {vision:7.2f} {counts['Generator._image_features']:6d}",
             f"{'LM prefill (+ masks, embeddings)':<40} {parts['Generator._prefill'] - vision:7.2f} "
             f"{counts['Generator._prefill']:6d}",
-            f"{'decode steps':<40} {decode:7.2f} {counts['Generator._batch_step'] + counts['Generator.decode']:6d}", ""]
-    if not a.tiny:      # compiling on 2 CPU cores takes minutes
-        generator.use_compile = True          # the batched LM only: bucketed shapes stay as warmed (none)
+            f"{'decode steps':<40} {parts['Generator.decode']:7.2f} {counts['Generator.decode']:6d}", ""]
+    from eval.protocol import Request
+    from eval.run import load_questions
+    from PIL import Image
+    qs = load_questions(data)[: a.profile_batch]
+    requests = [Request(Image.open(q["image"]).convert("RGB"), q["question"], max_new_tokens=16) for q in qs]
+    engine = backend.engine
+    engine.generate(requests, [0] * len(requests), {"min_new_tokens": 16})     # this batch's shapes, once
+    with profiler() as prof:
+        sync()
         t = time.perf_counter()
-        run_eval(data, [ref], work / "warm-compiled", limit=32, backend_options=opts, pool=pool)
-        out.append(f"compiling the batched LM (prefill + decode graphs): {generator.batch_compile_s:.1f} s "
-                   f"(warm run {time.perf_counter() - t:.1f} s), error: {generator.batch_compile_error}")
-        log(out[-1])
-        line, cbase = timed_run("compiled-base", [ref])
-        out.append(line)
-        line, cpair = timed_run("compiled-pair", pair)
-        out += [line, f"pair / base: {cpair / cbase:.2f}; compiled / eager base wall: {cbase / base_s:.2f}"]
+        engine.generate(requests, [0] * len(requests), {"min_new_tokens": 16})
+        sync()
+        wall = time.perf_counter() - t
+    out.append(report(prof, wall, f"one engine.generate of {len(requests)} questions (prepare included)"))
     pool.unload(wait=10)
     return "\n".join(out)
 
@@ -233,11 +235,12 @@ def main():
     ap.add_argument("parts", nargs="+", choices=("serve", "train"))
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--profile-batch", type=int, default=128)
     ap.add_argument("--work-serve", default="/tmp/gpu_serve")
     ap.add_argument("--work-train", default="/tmp/gpu_train")
     a = ap.parse_args()
     if a.tiny:
-        a.n = 12
+        a.n, a.profile_batch = 12, 6
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     OUT.mkdir(parents=True, exist_ok=True)

@@ -278,25 +278,17 @@ def b_studio(pool, base, adapter, data, n, work):
     from eval.run import run_eval
     opts = {"generate_kwargs": {"min_new_tokens": NEW_B}, **COMPILED}     # the engine phase A measured
     refs = {"base": f"local:{base}", "pair": [f"local:{base}", f"local:{base}+{adapter}"]}
-    from torch._dynamo.utils import counters
-    # warm this path once: a 32-row batch compiles the dynamic-shape LM (prefill and decode graphs)
-    run_eval(data, [refs["base"]], work / "warm", limit=32, backend_options=opts, pool=pool)
-    g = pool.backend(refs["base"], **COMPILED).engine.generator
-    R.setdefault("B", {})["batch_compile"] = {"s": round(g.batch_compile_s, 1), "error": g.batch_compile_error,
-                                             "graphs": sorted(map(str, g._batched_shapes))}
-    log("batched LM compile", R["B"]["batch_compile"])
+    run_eval(data, [refs["base"]], work / "warm", limit=32, backend_options=opts, pool=pool)    # warm this path once
     for tag, models in (("base", [refs["base"]]), ("pair", refs["pair"])):
         out = work / f"evals-{tag}"
         shutil.rmtree(out, ignore_errors=True)
-        graphs = counters["stats"]["unique_graphs"]
         t = time.perf_counter()
         sums = run_eval(data, models, out, limit=n, max_new_tokens=NEW_B, backend_options=opts, pool=pool)
         wall = time.perf_counter() - t
-        R["B"][f"studio_eval_{tag}"] = r = {
+        R.setdefault("B", {})[f"studio_eval_{tag}"] = r = {
             "n": sums[0]["n"], "models": len(models), "batch": sums[0]["execution"]["batch_size"],
             "wall_s": round(wall, 3), "answers_s": round(len(models) * sums[0]["n"] / wall, 2),
-            "questions_s": round(sums[0]["n"] / wall, 2), "n_errors": [s["n_errors"] for s in sums],
-            "graphs_traced_while_timed": counters["stats"]["unique_graphs"] - graphs}
+            "questions_s": round(sums[0]["n"] / wall, 2), "n_errors": [s["n_errors"] for s in sums]}
         log(f"studio_eval_{tag}", r)
 
 

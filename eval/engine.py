@@ -8,9 +8,6 @@ torch.compile (inductor fuses the norms, rotary, residual adds, SiLU * up and th
 Triton kernels) and then captured as a CUDA graph per batch bucket, so each new token costs one graph
 replay of fused kernels instead of hundreds of small launches. If compiling fails the uncompiled step is
 captured; if capture fails decoding runs eager; each reason is kept (`compile_error`, `graph_error`).
-Batches larger than any bucket (the Benchmark's) run the language model through a second compiled
-function with dynamic shapes (`batch_compile_error` if it fails): in eager prefill the norms, rotary and
-SiLU * up are ~35% of the GPU time, as many small kernels as matmuls; compiled, they fuse.
 The masks are built here (4D, additive), so transformers' mask and cache logic is not on the hot path,
 and a padded row never produces NaNs that leak into real rows.
 
@@ -27,7 +24,6 @@ from typing import Callable
 import torch
 
 BUCKETS = (1, 2, 4)          # batch sizes served by captured graphs (Compare's sides); larger batches run eager
-BATCH_COMPILE_MIN = 16       # rows from which a larger batch goes through the dynamic-shape compiled LM
 COMPILE_MODE = "default"     # inductor without its own CUDA graphs: the step is captured here, once per bucket
 # Compiled variants: per bucket, one per adapter mix (base only, one adapter, base + adapter, ...) and per
 # engine in the process (they share the step's code object). Past the limit dynamo silently runs eager.
@@ -63,20 +59,13 @@ class KVCache:
         self.values: dict[int, torch.Tensor] = {}
         self.position = torch.zeros((), dtype=torch.long, device=device)   # where the next tokens go
 
-    def allocate(self, b: int, layers: int, heads: int, head_dim: int, dtype) -> None:
-        """Every layer's tensors at once (a compiled forward then only writes into them)."""
-        for i in range(layers):
-            if i not in self.keys:
-                self.keys[i] = torch.zeros(b, heads, self.length, head_dim, dtype=dtype, device=self.position.device)
-                self.values[i] = torch.zeros_like(self.keys[i])
-
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if layer_idx not in self.keys:             # allocated at the first prefill, never again
             b, h, _, d = key_states.shape
             self.keys[layer_idx] = key_states.new_zeros(b, h, self.length, d)
             self.values[layer_idx] = value_states.new_zeros(b, h, self.length, value_states.shape[-1])
         n = key_states.shape[-2]
-        if n > 1:       # prefill: always from position 0; a slice copy is ~10x faster than index_copy_
+        if n > 1:       # prefill, always from position 0: a slice copy (index_copy_ took 97 ms a 128-row batch)
             self.keys[layer_idx][:, :, :n].copy_(key_states)
             self.values[layer_idx][:, :, :n].copy_(value_states)
         else:           # decode: the position is a tensor (captured graphs replay it)
@@ -147,10 +136,6 @@ class Generator:
         # turns it off after, so a later, unwarmed mix (3-4 sides) runs the plain step instead of stalling.
         self.compile_new_shapes = True
         self._compiled: Callable | None = None
-        self._batched: Callable | None = None      # the dynamic-shape compiled LM for large batches
-        self.batch_compile_error: str | None = None
-        self.batch_compile_s = 0.0                 # first calls of the batched compiled LM (its compiles)
-        self._batched_shapes: set[tuple] = set()
         self._lm_kwargs = {"use_cache": True}
         if "cache_position" in inspect.signature(self.lm.forward).parameters:
             self._lm_kwargs["cache_position"] = None        # filled per call on versions that take it
@@ -202,31 +187,6 @@ class Generator:
                 self._compile_failed(e)
         return self.decode(cache, tokens, positions, mask)
 
-    def _lm_batch(self, cache, positions, mask, **inputs):
-        """The language model over a batch no captured graph serves: compiled once with dynamic shapes
-        (one graph for prefill, one for decode) when compiling and the batch is large, else eager. Falls
-        back to eager for good if compiling fails, and says why (`batch_compile_error`)."""
-        import time
-        if not (self.compiling and self.batch_compile_error is None and positions.shape[0] >= BATCH_COMPILE_MIN):
-            return self._lm(cache, positions, mask, **inputs)
-        if self._batched is None:
-            self._batched = torch.compile(self._lm, mode=COMPILE_MODE, dynamic=True)
-        kind = ("prefill" if positions.shape[1] > 1 else "decode", tuple(inputs))
-        first = kind not in self._batched_shapes
-        t = time.perf_counter()
-        try:
-            logits = self._batched(cache, positions, mask, **inputs)
-        except Exception as e:  # noqa: BLE001 - rerun eager: a prefill rewrites the cache, a step its slot
-            self.batch_compile_error = f"{type(e).__name__}: {e}"[:300]
-            return self._lm(cache, positions, mask, **inputs)
-        if first:
-            self._batched_shapes.add(kind)
-            self.batch_compile_s += time.perf_counter() - t
-        return logits
-
-    def _batch_step(self, cache: KVCache, tokens, positions, mask):
-        return self._lm_batch(cache, positions, mask, input_ids=tokens)
-
     # ---- prefill pieces ----
     def _image_features(self, batch: Batch) -> list[torch.Tensor | None]:
         """Per row, its image's projected features: the vision tower runs once per distinct image,
@@ -269,12 +229,7 @@ class Generator:
 
     def _cache(self, b: int, length: int, reuse: bool) -> KVCache:
         if not reuse:
-            cache = KVCache(length, self.device)
-            config = self.lm.config
-            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            cache.allocate(b, config.num_hidden_layers, heads, head_dim, self.dtype)
-            return cache
+            return KVCache(length, self.device)
         if b not in self.caches:                  # one per graph bucket: captured graphs read its memory
             self.caches[b] = KVCache(length, self.device)
         self.caches[b].position.zero_()
@@ -310,9 +265,8 @@ class Generator:
         mask = torch.zeros(b, 1, prompt, length, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed[:, None], minimum)
         features = self._image_features(Batch(padded, batch.pixel_values))
-        embeds = self._embeddings(ids, features)
-        logits = (self._lm_batch if bucket is None else self._lm)(cache, positions, mask, inputs_embeds=embeds)
-        del mask, allowed, embeds
+        logits = self._lm(cache, positions, mask, inputs_embeds=self._embeddings(ids, features))
+        del mask, allowed
         step_mask = torch.zeros(b, 1, 1, length, dtype=self.dtype, device=self.device)
         step_mask.masked_fill_(~(real & (keys < prompt))[:, None, None, :], minimum)
         state = {"b": b, "n": n, "prompt": prompt, "longest": longest, "cache": cache, "mask": step_mask,
@@ -332,7 +286,7 @@ class Generator:
         state, logits = self._prefill(batch)
         b, n, prompt, cache, step_mask = state["b"], state["n"], state["prompt"], state["cache"], state["mask"]
         positions, graph = state["positions"], state["graph"]
-        step_fn = self._eager_step if state["bucket"] else self._batch_step
+        step_fn = self._eager_step if state["bucket"] else self.decode
         out: list[list[int]] = [[] for _ in rows]
         live = [True] * n
         greedy = all(r.temperature <= 0 for r in rows)

@@ -33,7 +33,6 @@ __all__ = ["AdapterError", "Engine", "LocalBackend", "list_adapters", "read_adap
 
 QUANTIZE = ("auto", "4bit", "none")
 GATHER_S = 0.01             # how long the worker waits for a second stream to batch with the first
-PREFILL_TOKENS = 40_000     # prompt tokens per batch past which prefill is compute-bound (engine_batch)
 # Top-level module names kept out of 4-bit: vision towers and projectors are small and lose accuracy
 # (and 4-bit + LoRA on the projector breaks its shape), lm_head is kept for output quality.
 _SKIP_LEAVES = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "mm_projector", "lm_head")
@@ -591,9 +590,7 @@ def engine_batch(engine: Engine, new_tokens: int = 16) -> int:
     activations = tokens * (config.hidden_size * 6 + config.intermediate_size * 3) * 2
     device = torch.device(engine.device)
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    # Past ~40k prompt tokens a batch's prefill matmuls are at peak speed already: larger batches only
-    # make the CPU work of the next batch (images, tokens) longer than it can overlap.
-    return int(max(1, min(256, PREFILL_TOKENS // tokens, free * 0.5 // (kv + activations))))
+    return int(max(1, min(256, free * 0.5 // (kv + activations))))
 
 
 def list_adapters(workspace: str | Path) -> list[Path]:

@@ -207,13 +207,6 @@ def _resume_key(meta: dict) -> dict:
     return key
 
 
-def _batches(todo: list, size: int, ramp: bool) -> list[list]:
-    """`todo` in batches of `size`; with `ramp` the first is a quarter of that, so the GPU starts while
-    the next batch is read and tokenised, instead of waiting for a whole batch's CPU work first."""
-    first = max(1, size // 4) if ramp and len(todo) > size else size
-    return [todo[:first]] + [todo[i:i + size] for i in range(first, len(todo), size)] if todo else []
-
-
 def run_models(questions: list[dict], members: list[tuple], *, batch_size: int, concurrency: int,
                metrics=DEFAULT_METRICS, on_progress: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Evaluate several backends on the same `questions`, each into its own folder; members are
@@ -235,7 +228,7 @@ def run_models(questions: list[dict], members: list[tuple], *, batch_size: int, 
     # Sorted by length so a batch's prompts pad to about the same size; written back in dataset order.
     todo = sorted((q for q in questions if any(pending(st, q) for st in states)), key=lambda q: len(q["question"]))
     settings = {**members[0][2]["prompt"], **members[0][2]["generation"]}
-    batches = _batches(todo, batch_size, ramp=concurrency > 1)
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     lock = threading.Lock()
 

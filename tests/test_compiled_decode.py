@@ -100,31 +100,3 @@ def test_a_lora_row_gets_the_same_numbers_alone_as_in_a_mixed_batch():
     assert torch.equal(uniform[0], layer.base(x)), "base rows add nothing"
     a, b = layer.parts[1]
     assert torch.allclose(uniform[1], layer.base(x) + x @ a.t() @ b)
-
-
-@pytest.fixture
-def big_batch(monkeypatch):
-    """Batches from 3 rows go through the dynamic-shape compiled language model (16 on a GPU, where
-    tests/test_gpu.py checks its scores; compiling it on 2 CPU cores takes minutes)."""
-    import eval.engine
-    monkeypatch.setattr(eval.engine, "BATCH_COMPILE_MIN", 3)
-    return [Request(Image.effect_noise((40 + 8 * i, 48), 30 + i).convert("RGB"), q, max_new_tokens=6)
-            for i, q in enumerate(["what is the highest value", "which category", "title?", "sum of all bars",
-                                   "how many bars"])]
-
-
-def test_a_failing_batch_compile_falls_back_to_eager_with_its_reason(demo_model, big_batch, monkeypatch):
-    import torch
-
-    def broken(fn, **options):
-        def run(*args, **kwargs):
-            raise RuntimeError("inductor cannot build this graph")
-        return run
-    backend = ModelPool().backend(f"local:{demo_model}", compile=False)
-    engine, generator = backend.engine, backend.engine.generator
-    plain = engine.generate(big_batch, [0] * len(big_batch))
-    monkeypatch.setattr(torch, "compile", broken)
-    generator.use_compile = True
-    assert engine.generate(big_batch, [0] * len(big_batch)) == plain
-    assert "inductor cannot build this graph" in generator.batch_compile_error
-    assert generator.compile_error is None, "the bucketed decode step keeps compiling"

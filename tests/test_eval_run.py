@@ -226,12 +226,3 @@ def test_our_dataset_folder_split_is_scored_per_kind_and_family(tmp_path):
     assert rows and {r["split"] for r in rows} == {"test"} and s["dataset"]["split"] == "test"
     assert set(s["by_chart_type"]) == {r["chart_type"] for r in rows}
     assert sum(g["n"] for g in s["by_family"].values()) == s["n"] == len(rows)
-
-
-def test_gpu_batches_start_with_a_quarter_batch_and_keep_every_question_once():
-    from eval.run import _batches
-    todo = list(range(10))
-    assert _batches(todo, 4, ramp=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert _batches(todo, 4, ramp=True) == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
-    assert _batches(todo[:3], 4, ramp=True) == [[0, 1, 2]], "one batch holds them all: no ramp"
-    assert _batches([], 4, ramp=True) == []
