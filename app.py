@@ -129,7 +129,16 @@ def lower_priority(pid: int, nice: int = BACKGROUND_NICE) -> None:
         pass
 
 
+def tune_cpu(env=os.environ) -> None:
+    """Before torch is imported: OpenMP threads that wait for work sleep instead of spinning. On a busy
+    2-core machine the spinning thread holds a core that the other thread (or a neighbour) needs, and
+    a demo-model forward ran 5-10x slower (3 s instead of 0.3-0.6 s); on an idle machine both ways time
+    alike (docs/BENCHMARKS.md, "Compare on CPU"). A value the user set is kept; jobs inherit it."""
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv=None) -> None:
+    tune_cpu()
     args = parse_args(argv)
     auth = read_auth(args)
     os.environ.pop("STUDIO_AUTH", None)       # read once; nothing the studio starts needs it

@@ -8,7 +8,8 @@ Cold start: `python app.py` in a fresh workspace on a free loopback port (what t
 start_studio runs), timed until it serves and until gradio_client's `/run_compare` returns the first
 two-sided answer (the pie example's question, base vs base + demo adapter, 16 new tokens at most). Each
 start also records whether the demo dataset was finished when that answer came, and when it was.
-Answers: in a child process of each checkout (its own code), models opened once through
+Answers: in a child process of each checkout (its own code, and its app.py's process settings: tune_cpu,
+where it has one), models opened once through
 eval.pool.ModelPool, then `backend.generate` for one model and `eval.compare.compare_stream` (the Compare
 tab's path) for both sides, 16 tokens forced, on the shipped example charts. "new chart" rounds use an
 image no request has seen (the example with a corner square recoloured: the same work); "same chart" rounds ask
@@ -158,7 +159,9 @@ def answers(repeats: int) -> dict:
 
 
 def run_child(root: Path, repeats: int) -> dict:
+    # the studio's own process settings, where that checkout's app.py has them (before torch is imported)
     code = (f"import sys, json; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'benchmarks')!r}); "
+            f"import app; getattr(app, 'tune_cpu', lambda: None)(); "
             f"import cpu_demo; print('RESULT ' + json.dumps(cpu_demo.answers({repeats})))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env(),
                           timeout=900)

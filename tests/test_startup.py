@@ -91,3 +91,18 @@ def test_a_studio_answers_compare_while_its_demo_dataset_is_still_being_drawn(tm
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_the_studio_makes_openmp_threads_sleep_before_torch_is_imported(tmp_path):
+    code = ("import os, sys, app\n"
+            "def stop(*_):\n"
+            "    print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
+            "    sys.exit(0)\n"
+            "app.prepare_models = stop\n"
+            f"app.main(['--workspace', {str(tmp_path)!r}])\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.split() == ["False", "PASSIVE"], out.stderr[-2000:]
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    app.tune_cpu(mine)
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE"}                 # a user's choice is kept
