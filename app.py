@@ -99,19 +99,21 @@ def draw_demo_dataset(workspace: Path) -> dict | None:
     Benchmark and Fine-tune, so it is drawn at low priority beside the model loading."""
     from charts.config import GenerateConfig
     from training.demo import DEMO_DATASET, demo_dataset_settings
-    from training.launchers import LocalLauncher, newest
+    from training.launchers import LocalLauncher, read_jobs
 
     out = workspace / "datasets" / DEMO_DATASET
     if (out / "dataset.json").exists():
         return None
-    job = newest(workspace, "charts")
-    if job and job.get("status") == "running" and Path(job.get("output_dir", "")) == out.resolve():
-        return None
+    launcher = LocalLauncher(workspace)
+    for job in read_jobs(workspace).values():      # one started by an earlier start may still run
+        if job.get("task") == "charts" and job.get("kind") == "local" and job.get("status") == "running" \
+                and Path(job.get("output_dir", "")) == out.resolve() and launcher.status(job)["status"] == "running":
+            return None
     s = demo_dataset_settings(out)
     cfg = GenerateConfig(out=str(out), n=s["n"], kinds=s["kinds"], seed=s["seed"], workers=s["workers"],
                          look=s["look"], multi_turn=s["multi_turn"], qa_per_chart=s["qa_per_chart"],
                          split=",".join(map(str, s["split"])), instruct_share=s["instruct_share"])
-    job = LocalLauncher(workspace).start(cfg, name=DEMO_DATASET)
+    job = launcher.start(cfg, name=DEMO_DATASET)
     lower_priority(job["pid"])
     return job
 
