@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from eval.features import FeatureCache
+
 BUCKETS = (1, 2, 4)          # batch sizes served by captured graphs (Compare's sides); larger batches run eager
 COMPILE_MODE = "default"     # inductor without its own CUDA graphs: the step is captured here, once per bucket
 # Compiled variants: per bucket, one per adapter mix (base only, one adapter, base + adapter, ...) and per
@@ -136,6 +138,7 @@ class Generator:
         # turns it off after, so a later, unwarmed mix (3-4 sides) runs the plain step instead of stalling.
         self.compile_new_shapes = True
         self._compiled: Callable | None = None
+        self.features = FeatureCache(self._vision)    # the tower is frozen: base and adapters share them
         self._lm_kwargs = {"use_cache": True}
         if "cache_position" in inspect.signature(self.lm.forward).parameters:
             self._lm_kwargs["cache_position"] = None        # filled per call on versions that take it
@@ -194,14 +197,7 @@ class Generator:
         rows = batch.rows
         if batch.pixel_values is None or all(r.image is None for r in rows):
             return [None] * len(rows)
-        pixels = batch.pixel_values.to(self.device, self.vision_dtype)
-        layer = self.config.vision_feature_layer
-        out = self.vision(pixels, output_hidden_states=True, return_dict=True)
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        hidden = [out.hidden_states[i] for i in layers]
-        if self.config.vision_feature_select_strategy == "default":
-            hidden = [h[:, 1:] for h in hidden]
-        features = torch.cat(hidden, dim=-1)
+        features = self.features(batch.pixel_values)      # eval.features: each image's tower output once
         projected: dict[tuple[int, int], torch.Tensor] = {}
         for slot in sorted({r.slot for r in rows if r.image is not None}):
             images = sorted({r.image for r in rows if r.image is not None and r.slot == slot})
@@ -210,6 +206,17 @@ class Generator:
             for k, image in enumerate(images):
                 projected[(slot, image)] = result[k]
         return [projected[(r.slot, r.image)] if r.image is not None else None for r in rows]
+
+    def _vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's selected layer(s) for these images (CPU pixels in), before any projector."""
+        pixels = pixel_values.to(self.device, self.vision_dtype)
+        layer = self.config.vision_feature_layer
+        out = self.vision(pixels, output_hidden_states=True, return_dict=True)
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        hidden = [out.hidden_states[i] for i in layers]
+        if self.config.vision_feature_select_strategy == "default":
+            hidden = [h[:, 1:] for h in hidden]
+        return torch.cat(hidden, dim=-1)
 
     @property
     def vision_dtype(self):

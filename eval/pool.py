@@ -28,6 +28,14 @@ LOCAL_OPTIONS = {"quantize": "auto", "device": "auto", "trust_remote_code": Fals
 _LOADING = threading.Lock()
 
 
+def captures(engine) -> bool:
+    """Whether an engine compiles or captures decode steps per adapter mix, which a warm-up does ahead
+    of the first request. Without (CPU), warming a new adapter only ran two throwaway generations:
+    ~1 s of the demo studio's start on 2 cores, and its first real request is no slower for it."""
+    g = getattr(engine, "generator", None)
+    return g is not None and bool(g.use_graphs or g.use_compile)
+
+
 class ModelPool:
     def __init__(self, max_engines: int = 2):
         self.max_engines = max_engines
@@ -90,7 +98,7 @@ class ModelPool:
             engine = self.engine(ref.target, on_progress=on_progress, **engine_options)
             fresh = ref.adapter is not None and str(Path(ref.adapter).expanduser().resolve()) not in engine.slots
             backend = LocalBackend(engine, ref.adapter, **extra)
-            if fresh:
+            if fresh and captures(engine):
                 engine.warm_up(on_progress or (lambda _msg: None))   # capture the adapter graphs now
             return backend
         key = (str(ref), tuple(sorted((k, repr(v)) for k, v in options.items())))

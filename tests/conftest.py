@@ -78,6 +78,15 @@ def start_studio(workspace: Path, *args: str, log_path: Path | None = None, time
             time.sleep(0.5)
 
 
+def wait_for_file(path: Path, timeout: float = 240) -> Path:
+    deadline = time.time() + timeout
+    while not Path(path).exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} did not appear in {timeout:.0f} s")
+        time.sleep(0.2)
+    return Path(path)
+
+
 def stop_studio(proc) -> None:
     proc.terminate()
     try:
@@ -92,6 +101,7 @@ def studio_server(tmp_path_factory):
     """`python app.py` on the demo model, as a user starts it, in a fresh workspace. Yields (url, workspace)."""
     workspace = tmp_path_factory.mktemp("studio-workspace")
     proc, url = start_studio(workspace)
+    wait_for_file(workspace / "datasets" / "demo" / "dataset.json")    # drawn in the background (app.py)
     yield url, workspace
     stop_studio(proc)
 

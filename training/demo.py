@@ -59,11 +59,12 @@ def ensure_demo_dataset(workspace: str | Path, n: int = DEMO_CHARTS, seed: int =
     return out
 
 
-def install_demo(workspace: str | Path) -> tuple[Path, Path]:
+def install_demo(workspace: str | Path, dataset: bool = True) -> tuple[Path, Path]:
     """(model, adapter) for a studio on the demo: WORKSPACE/models/demo-llava links to the shipped model
     (a copy where links are not allowed), WORKSPACE/runs/demo-adapter/adapter is a copy of the shipped
     adapter (runs are the workspace's own, so the tabs list, compare and benchmark it like any run),
-    and the demo dataset is drawn. Builds and trains nothing."""
+    and the demo dataset is drawn (`dataset=False`: left to the caller; app.py draws it in the background).
+    Builds and trains nothing."""
     from eval.demo import SHIPPED_ADAPTER, SHIPPED_MODEL, shipped_demo_adapter, shipped_demo_model
 
     model, adapter = shipped_demo_model(), shipped_demo_adapter()
@@ -84,7 +85,8 @@ def install_demo(workspace: str | Path) -> tuple[Path, Path]:
     run_adapter = workspace / "runs" / DEMO_RUN / "adapter"
     if not (run_adapter / "adapter_config.json").exists():
         _copy_atomic(adapter, run_adapter)
-    ensure_demo_dataset(workspace)
+    if dataset:
+        ensure_demo_dataset(workspace)
     return link, run_adapter
 
 
