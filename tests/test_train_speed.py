@@ -87,15 +87,22 @@ def test_chunked_answer_loss_equals_the_model_loss_and_its_gradients(demo_model,
     assert abs(mean.item() - model(**batch).loss.item()) < 1e-5
 
 
-def test_chunked_loss_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path):
-    curves = {}
-    for impl in ("hf", "chunked"):
-        out = tmp_path / impl
-        train(quick(demo_model, dataset, out, loss_impl=impl, max_steps=5, save_steps=100, grad_accum=2,
-                    per_device_batch_size=2))
-        curves[impl] = curve(out)
-    assert len(curves["hf"]) >= 5
-    assert curves["chunked"] == pytest.approx(curves["hf"], abs=1e-4)
+CURVE = dict(max_steps=3, save_steps=100, grad_accum=2, per_device_batch_size=2, eval_limit=0)
+
+
+@pytest.fixture(scope="module")
+def reference_curve(demo_model, dataset, tmp_path_factory):
+    """The loss curve of a short run with the plain answer-only loss (the CPU default) and no speed option:
+    what each option's run is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    train(quick(demo_model, dataset, out, loss_impl="chunked", **CURVE))
+    assert len(curve(out)) >= 3
+    return curve(out)
+
+
+def test_chunked_loss_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path, reference_curve):
+    train(quick(demo_model, dataset, tmp_path, loss_impl="hf", **CURVE))      # full-vocabulary logits
+    assert reference_curve == pytest.approx(curve(tmp_path), abs=1e-4)
 
 
 def test_bf16_adapters_track_the_fp32_curve_within_three_percent(demo_model, dataset, tmp_path):
@@ -203,16 +210,9 @@ def test_a_packed_token_never_attends_to_another_sample(demo_model, dataset):
     assert torch.allclose(before[0, first:], after[0, first:], atol=1e-5)   # sample 2 did not
 
 
-@pytest.mark.slow
-def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path):
-    curves = {}
-    for packing in (False, True):
-        out = tmp_path / str(packing)
-        train(quick(demo_model, dataset, out, packing=packing, max_steps=5, save_steps=100, grad_accum=2,
-                    per_device_batch_size=2, eval_limit=0))
-        curves[packing] = curve(out)
-    assert len(curves[False]) >= 5
-    assert curves[True] == pytest.approx(curves[False], abs=2e-4)
+def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path, reference_curve):
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", packing=True, **CURVE))
+    assert curve(tmp_path) == pytest.approx(reference_curve, abs=2e-4)
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
@@ -283,19 +283,16 @@ def test_compiled_layers_leave_the_loss_curve_equal(demo_model, dataset):
     assert compiled == pytest.approx(eager, abs=1e-4)
 
 
-def test_the_compile_option_compiles_the_layers_of_a_run(demo_model, dataset, tmp_path, monkeypatch, capsys):
+def test_the_compile_option_compiles_the_layers_of_a_run(demo_model, dataset, tmp_path, monkeypatch, capsys,
+                                                         reference_curve):
     # The wiring (TrainConfig.compile -> compile_layers after LoRA, before the Trainer), with dynamo's eager
     # backend: it traces the layers as inductor would, without the minute of C++ builds for each new shape.
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    curves = {}
-    for compiled in (False, True):
-        out = tmp_path / str(compiled)
-        train(quick(demo_model, dataset, out, compile=compiled, max_steps=2, save_steps=100, eval_limit=0))
-        curves[compiled] = curve(out)
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", compile=True, **CURVE))
     assert "decoder layers compiled" in capsys.readouterr().out
-    assert curves[True] == pytest.approx(curves[False], abs=1e-5)
+    assert curve(tmp_path) == pytest.approx(reference_curve, abs=1e-5)
 
 
 def test_all_decoder_layers_share_one_compiled_graph(demo_model):
