@@ -1,8 +1,7 @@
-"""Config dataclasses of the jobs that are not training: `GenerateConfig` (a chart-QA dataset) here and
-`eval.config.EvalConfig` (a benchmark run). As `training.config.TrainConfig` does for training, each field
-is documented once, in its `help`, and from the dataclass come the CLI flags (`python -m charts generate`),
-the YAML file a job is started from and saved with (`--config job.yaml`, flags override it), and the
-defaults and help of the tab's form:
+"""The config dataclasses of the jobs: `GenerateConfig` (a chart-QA dataset) here, `eval.config.EvalConfig` (a
+benchmark run) and `training.config.TrainConfig` (a fine-tune), all `JobConfig`s. Each field is documented once,
+in its `help`, and from the dataclass come the CLI flags (`python -m charts generate`), the YAML file a job is
+started from and saved with (`--config job.yaml`, flags override it), and the defaults and help of the tab's form:
 
     cfg = GenerateConfig(out="workspace/datasets/d", n=200).validate()
     cfg.to_yaml("gen.yaml"); GenerateConfig.from_yaml("gen.yaml") == cfg
@@ -14,6 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .paraphrase import DEFAULT_MODEL
 from .questions import FAMILIES
@@ -21,13 +21,14 @@ from .spec import KINDS, LOOKS
 
 
 class ConfigError(ValueError):
-    """A value out of range or an unknown key: one line that names the field."""
+    """A config value out of range, an unknown key or name, a missing file: one line that says which."""
 
 
-def option(default, help: str, *, choices: tuple | None = None, required: bool = False, flag: dict | None = None):
+def option(default, help: str, *, choices: tuple | None = None, required: bool = False, flag: dict | None = None,
+           group: str | None = None):
     """A config field: `help` is its one documentation; `flag` holds argparse keywords for list fields
-    (e.g. {"action": "append"} or {"type": csv})."""
-    meta = {"help": help, "choices": choices, "required": required, "flag": flag or {}}
+    (e.g. {"action": "append"} or {"type": csv}); `group` is the section of the flags and form it shows in."""
+    meta = {"help": help, "choices": choices, "required": required, "flag": flag or {}, "group": group}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -37,10 +38,34 @@ def csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def boolean(value) -> bool:
+    """true/yes/on/1 or false/no/off/0 (any case; SageMaker passes "True"): anything else is refused rather
+    than read as false."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"expected true or false, got {value!r}")
+
+
 class JobConfig:
-    """What every job config shares: dict / YAML round trip with one-line errors, and CLI flags."""
+    """What every job config shares: dict / YAML round trip with one-line errors, and CLI flags.
+
+    `cli` is the command whose --help lists the fields (named when a key is unknown); with `validate_on_init`
+    every way a config is made (CLI, YAML, form, launcher, preset, replace) checks it at construction."""
+
+    cli: ClassVar[str] = ""
+    validate_on_init: ClassVar[bool] = False
+
+    def __post_init__(self):
+        if self.validate_on_init:
+            self.validate()
 
     def validate(self):
+        """Raise ConfigError (one line, naming each bad field) unless every value is in range."""
         problems = [p for p in self.problems() if p]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -48,7 +73,8 @@ class JobConfig:
                 problems.append(f"{f.name} is required")
             choices = f.metadata.get("choices")
             values = value if isinstance(value, list) else [value]
-            bad = [v for v in values if choices and v is not None and v not in choices]
+            # None is a choice only of a field whose default is None (unset)
+            bad = [v for v in values if choices and v not in choices and not (v is None and _default(f) is None)]
             if bad:
                 problems.append(f"{f.name}: {bad[0]!r} is not one of {', '.join(map(str, choices))}")
         if problems:
@@ -63,12 +89,11 @@ class JobConfig:
 
     @classmethod
     def from_dict(cls, d: dict):
-        if not isinstance(d, dict):
-            raise ConfigError(f"a config is a mapping of {cls.__name__} fields, got {type(d).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - set(known))
+        unknown = sorted(set(_mapping(cls, d)) - set(known), key=str)
         if unknown:
-            raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(map(str, unknown))}")
+            hint = f" (see `{cls.cli} --help`)" if cls.cli else ""
+            raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(map(str, unknown))}{hint}")
         values = {}
         for k, v in d.items():
             try:
@@ -87,17 +112,32 @@ class JobConfig:
         return text
 
     @classmethod
-    def from_yaml(cls, path: str | Path):
+    def from_yaml(cls, path_or_text: str | Path):
+        """The config in a YAML file (a Path, or a one-line string that is not "key: value" text) or YAML text."""
+        return cls.from_dict(cls.yaml_fields(path_or_text))
+
+    @classmethod
+    def yaml_fields(cls, path_or_text: str | Path) -> dict:
+        """The mapping in a YAML config file or text, unchecked (flags may still override its values)."""
         import yaml
 
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"no such config file: {path}")
+        source = "config"
+        if _looks_like_path(path_or_text):
+            path = Path(path_or_text)
+            if not path.is_file():
+                raise ConfigError(f"no such config file: {path}")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read config file {path}: {e}") from None
+            source = f"config file {path}"
+        else:
+            text = str(path_or_text)
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-        return cls.from_dict(data or {})
+            raise ConfigError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+        return {} if data is None else _mapping(cls, data)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -105,6 +145,21 @@ class JobConfig:
     @classmethod
     def help(cls, name: str) -> str:
         return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _mapping(cls, data) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config is a mapping of {cls.__name__} fields, got {type(data).__name__} "
+                          f"{str(data)[:60]!r}")
+    return data
+
+
+def _looks_like_path(x) -> bool:
+    # A file name is one line without a "key: value" pair; YAML text for a config has at least one.
+    if isinstance(x, Path):
+        return True
+    text = str(x).strip()
+    return bool(text) and "\n" not in text and ": " not in text and not text.startswith("{")
 
 
 def _default(f: dataclasses.Field):
@@ -116,20 +171,20 @@ def _kind(f: dataclasses.Field) -> str:
 
 
 def _coerce(f: dataclasses.Field, value):
-    """YAML / form values to the field's type ("3" -> 3, "a,b" -> ["a", "b"]); None stays None."""
+    """YAML / form / SageMaker values to the field's type ("3" -> 3, "2e-4" -> 0.0002, "a,b" -> ["a", "b"],
+    "true" -> True); None stays None except for a bool."""
     default = _default(f)
+    if isinstance(default, bool):
+        return boolean(value)
     if value is None:
         return None
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
     if isinstance(default, list):
         return csv(value) if isinstance(value, str) else [str(v) for v in value]
     if isinstance(default, int):
-        if isinstance(value, float) and not value.is_integer():
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float) and not number.is_integer():
             raise ValueError(value)
-        return int(float(value)) if isinstance(value, str) else int(value)
+        return int(number)
     if isinstance(default, float):
         return float(value)
     if default is None and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -145,8 +200,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
         if f.name in skip:
             continue
         default = _default(f)
-        kw = {"help": f.metadata["help"] + (f" (default: {default!r})" if default not in ("", None, []) else ""),
-              "default": None, **f.metadata["flag"]}
+        text = f.metadata["help"] + (f" (default: {default!r})" if default not in ("", None, []) else "")
+        kw = {"help": text.replace("%", "%%"), "default": None, **f.metadata["flag"]}     # argparse formats help with %
         if isinstance(default, bool):
             kw["action"] = argparse.BooleanOptionalAction
         elif "type" not in kw and "action" not in kw and not isinstance(default, list):
@@ -158,13 +213,14 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
 
 def from_flags(cls, args: argparse.Namespace):
     """The config from --config (if given) with every flag given on top, validated."""
-    base = cls.from_yaml(args.config).to_dict() if getattr(args, "config", None) else {}
+    base = cls.yaml_fields(Path(args.config)) if getattr(args, "config", None) else {}
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
     return cls.from_dict({**base, **given}).validate()
 
 
 @dataclass
 class GenerateConfig(JobConfig):
+    cli = "python -m charts generate"
     out: str = option("", "Dataset folder, e.g. workspace/datasets/NAME.", required=True)
     n: int = option(2000, "Number of charts (images).")
     kinds: list = option(list(KINDS), f"Chart kinds, a comma list from: {','.join(KINDS)}.", choices=KINDS,

@@ -19,6 +19,7 @@ SPLITS = ("test", "val", "train", "human", "augmented", "all")
 
 @dataclass
 class EvalConfig(JobConfig):
+    cli = "python -m eval run"
     data: str = option("", "Dataset folder, ChartQA-style JSON/JSONL (or ChartQA's test folder), or a "
                            "LLaVA-format file.", required=True)
     model: list = option([], "local:PATH, local:PATH+ADAPTER, sagemaker:ENDPOINT, openai:URL#MODEL (repeat the "

@@ -45,6 +45,15 @@ def test_eval_config_round_trips_and_validates(tmp_path):
         EvalConfig.from_dict({"limit": "many"})
 
 
+def test_job_configs_read_yaml_text_and_refuse_a_bool_they_cannot_read():
+    cfg = EvalConfig.from_yaml("data: d\nmodel: [local:m]\nout: o\nlimit: 3")
+    assert (cfg.data, cfg.model, cfg.limit) == ("d", ["local:m"], 3)
+    with pytest.raises(ConfigError, match="multi_turn: 'sometimes' is not true or false"):
+        GenerateConfig.from_dict({"out": "x", "multi_turn": "sometimes"})     # not silently false
+    with pytest.raises(ConfigError, match=r"unknown EvalConfig keys: modle \(see `python -m eval run --help`\)"):
+        EvalConfig.from_yaml("modle: x")
+
+
 def test_flags_override_the_config_file_and_flags_left_out_do_not(tmp_path):
     import argparse
 

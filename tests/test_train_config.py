@@ -64,7 +64,7 @@ def test_presets_are_valid_configs_with_the_seed_recipe():
 def test_bad_values_are_refused_with_the_field_name():
     with pytest.raises(ValueError, match="mode"):
         TrainConfig.from_dict({"mode": "qlor"})
-    with pytest.raises(ValueError, match="unknown config keys: lora_rank"):
+    with pytest.raises(ValueError, match="unknown TrainConfig keys: lora_rank"):
         TrainConfig.from_dict({"lora_rank": 8})
     with pytest.raises(SystemExit):
         parse_args(["--deepspeed", "zero4"])
@@ -75,3 +75,18 @@ def test_the_optimizer_names_checked_before_loading_are_those_transformers_accep
 
     from training.config import OPTIMIZERS
     assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+def test_train_config_is_a_job_config_with_the_one_config_error():
+    import charts.config
+    import training.config
+
+    assert issubclass(TrainConfig, charts.config.JobConfig)
+    assert training.config.ConfigError is charts.config.ConfigError
+    with pytest.raises(charts.config.ConfigError, match="lora_r: 3.5 is not an integer"):
+        TrainConfig.from_dict({"lora_r": 3.5})          # not silently 3
+
+
+def test_help_with_a_percent_sign_prints_as_written():
+    text = " ".join(build_parser().format_help().split())
+    assert "less memory, ~30% slower." in text and "option_strings" not in text

@@ -156,7 +156,7 @@ def test_yaml_with_unknown_keys_is_one_line_naming_them(tmp_path, capsys):
     path.write_text("lora_rank: 8\nlearning_rat: 0.1\nlora_r: 8\n")
     assert main(["--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: unknown config keys: learning_rat, lora_rank (see `python -m training.train --help`)"
+    assert err == "error: unknown TrainConfig keys: learning_rat, lora_rank (see `python -m training.train --help`)"
 
 
 def test_a_missing_config_file_says_so_instead_of_parsing_its_name(tmp_path, capsys, monkeypatch):
@@ -175,9 +175,9 @@ def test_a_missing_config_file_says_so_instead_of_parsing_its_name(tmp_path, cap
 
 @pytest.mark.parametrize("text, says", [
     ("- lora_r\n- 8\n", "a config is a mapping of TrainConfig fields, got list"),
-    ("lora_r: [8\n", "config is not valid YAML"),
+    ("lora_r: [8\n", "run.yaml is not valid YAML"),
     ("lora_r: eight\n", "lora_r: 'eight' is not an integer"),
-    ("gradient_checkpointing: maybe\n", "expected true or false, got 'maybe'"),
+    ("gradient_checkpointing: maybe\n", "gradient_checkpointing: 'maybe' is not true or false"),
 ])
 def test_a_malformed_yaml_config_is_one_line_saying_what_is_wrong(text, says, tmp_path, capsys):
     from training.train import main
