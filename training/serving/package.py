@@ -24,7 +24,8 @@ from charts.io import atomic_write_json
 from training.prices import PRICES_DATE, describe_cost, hourly_cost
 
 # The handler's own imports; copied under code/ so model.tar.gz needs nothing else from this repo.
-BUNDLED_MODULES = ("eval/local.py", "eval/engine.py", "eval/lora.py", "eval/images.py", "eval/protocol.py")
+BUNDLED_MODULES = ("eval/local.py", "eval/engine.py", "eval/features.py", "eval/lora.py", "eval/images.py",
+                   "eval/protocol.py")
 # Installed by the inference toolkit (pip, before the model server starts) on top of the image's torch 2.6.
 # Exact pins: transformers must stay below 5, since the toolkit's transformers_utils imports
 # `transformers.file_utils.is_tf_available`, which 5.x dropped (the worker would die at start); 4.57 is the
