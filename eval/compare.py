@@ -40,10 +40,16 @@ def endpoint_refs(workspace: str | Path) -> list[str]:
     return [r.get("ref") or f"sagemaker:{r['name']}" for r in records if isinstance(r, dict) and r.get("name")]
 
 
+def list_adapters(workspace: str | Path) -> list[Path]:
+    """Adapter folders of runs in the workspace: runs/NAME/ itself or any folder right under it
+    (runs/NAME/adapter for finished runs, runs/NAME/checkpoint-N while training)."""
+    runs = Path(workspace) / "runs"
+    found = set(runs.glob("*/adapter_config.json")) | set(runs.glob("*/*/adapter_config.json"))
+    return sorted((f.parent for f in found), key=lambda p: (p.relative_to(runs).parts[0], p.name != "adapter", str(p)))
+
+
 def model_choices(workspace: str | Path, base: str, adapter: str | None = None) -> list[str]:
     """The base, base + each adapter (the studio's and every run's), then recorded endpoints."""
-    from eval.local import list_adapters
-
     adapters = ([str(adapter)] if adapter else []) + [str(p) for p in list_adapters(workspace)]
     refs = [f"local:{base}"] + [f"local:{base}+{a}" for a in adapters] + endpoint_refs(workspace)
     return list(dict.fromkeys(refs))

@@ -29,7 +29,7 @@ from eval.images import pad_to_square
 from eval.lora import AdapterError, read_config, split_weights, tensor_shapes
 from eval.protocol import Request, trimmed
 
-__all__ = ["AdapterError", "Engine", "LocalBackend", "list_adapters", "read_adapter_config", "skip_modules"]
+__all__ = ["AdapterError", "Engine", "LocalBackend", "read_adapter_config", "skip_modules"]
 
 QUANTIZE = ("auto", "4bit", "none")
 GATHER_S = 0.01             # how long the worker waits for a second stream to batch with the first
@@ -591,11 +591,3 @@ def engine_batch(engine: Engine, new_tokens: int = 16) -> int:
     device = torch.device(engine.device)
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(max(1, min(256, free * 0.5 // (kv + activations))))
-
-
-def list_adapters(workspace: str | Path) -> list[Path]:
-    """Adapter folders of runs in the workspace: runs/NAME/ itself or any folder right under it
-    (runs/NAME/adapter for finished runs, runs/NAME/checkpoint-N while training)."""
-    runs = Path(workspace) / "runs"
-    found = set(runs.glob("*/adapter_config.json")) | set(runs.glob("*/*/adapter_config.json"))
-    return sorted((f.parent for f in found), key=lambda p: (p.relative_to(runs).parts[0], p.name != "adapter", str(p)))

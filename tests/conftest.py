@@ -78,6 +78,17 @@ def start_studio(workspace: Path, *args: str, log_path: Path | None = None, time
             time.sleep(0.5)
 
 
+def wait_until(predicate, timeout: float, every: float = 0.3):
+    """The first truthy value of predicate(), polled every `every` s; AssertionError after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
 def wait_for_file(path: Path, timeout: float = 240) -> Path:
     deadline = time.time() + timeout
     while not Path(path).exists():

@@ -9,12 +9,17 @@ from conftest import wait_for_cell_text, wait_for_table_text
 pytestmark = pytest.mark.browser
 
 
+def start_benchmark(page, limit: str, name: str) -> None:
+    """Open the Benchmark tab and run the default models on the demo dataset under `name`."""
+    page.get_by_role("tab", name="Benchmark").click()
+    page.get_by_label("Limit (0 = all)").fill(limit)
+    page.get_by_label("Eval name").fill(name)
+    page.get_by_role("button", name="Run benchmark").click()
+
+
 def test_run_base_vs_adapter_then_browse_and_export(studio_page):
     page, workspace = studio_page
-    page.get_by_role("tab", name="Benchmark").click()
-    page.get_by_label("Limit (0 = all)").fill("6")
-    page.get_by_label("Eval name").fill("browser-eval")
-    page.get_by_role("button", name="Run benchmark").click()
+    start_benchmark(page, "6", "browser-eval")
     page.get_by_text("Finished browser-eval").wait_for(timeout=120_000)
     summaries = sorted(workspace.glob("evals/browser-eval/*/summary.json"))
     assert len(summaries) == 2                          # base and base + demo adapter
@@ -47,10 +52,7 @@ def test_a_running_benchmark_stops_and_is_still_stopped_after_a_reload(studio_pa
     from training.launchers import read_jobs
 
     page, workspace = studio_page
-    page.get_by_role("tab", name="Benchmark").click()
-    page.get_by_label("Limit (0 = all)").fill("0")
-    page.get_by_label("Eval name").fill("browser-stop")
-    page.get_by_role("button", name="Run benchmark").click()
+    start_benchmark(page, "0", "browser-stop")
     running = page.get_by_text(re.compile(r"Benchmark job bench-\d+ · running"))
     running.wait_for()
     short = re.search(r"bench-\d+", running.text_content()).group(0)

@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from charts.config import ConfigError, GenerateConfig, add_flags, from_flags
+from conftest import wait_until
 from eval.config import EvalConfig
 from training.launchers import LocalLauncher, all_jobs, find_job
 
@@ -66,13 +66,7 @@ def test_flags_override_the_config_file_and_flags_left_out_do_not(tmp_path):
 
 # ---------------------------------------------------------------- jobs
 def _wait(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError("timed out")
+    return wait_until(predicate, timeout, every=0.3)
 
 
 def _cli(workspace, *args):

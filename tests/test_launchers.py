@@ -2,10 +2,10 @@
 whole process group after a checkpoint, and a job killed from outside is reported as killed."""
 import os
 import signal
-import time
 
 import pytest
 
+from conftest import wait_until
 from training.config import preset
 from training.launchers import LocalLauncher, _group_has_live, all_jobs, read_jobs
 
@@ -22,13 +22,7 @@ def _cfg(demo_model, dataset, **kw):
 
 
 def _wait(predicate, timeout=150.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out")
+    return wait_until(predicate, timeout, every=0.5)
 
 
 def test_a_local_job_finishes_and_a_restarted_launcher_finds_it(demo_model, dataset, tmp_path):

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from eval.compare import list_adapters
 from eval.engine import Detokenizer
-from eval.local import AdapterError, list_adapters, skip_modules
+from eval.local import AdapterError, skip_modules
 from eval.pool import ModelPool
 from eval.protocol import Request
 
