@@ -10,6 +10,8 @@ A. batch-1 decode, 64 new tokens forced (min_new_tokens = max_new_tokens), ~625-
 B. 256 questions of generated charts, 16 new tokens forced: plain HF bf16 batched generate at 16/64/128
    beside eval.run.run_eval with its defaults (base; base + adapter in one run).
 C. correctness: the engine's first-token scores beside plain HF's, base and adapter (PEFT).
+`--phases B` runs B alone (~3 minutes): the studio then loads uncompiled, which its benchmark path is either
+way (batches of more than 4 rows run the eager step).
 Every timed call includes building inputs (template + processor) and decoding text. Random weights: compute
 cost does not depend on their values. Results: $OUT/serving.json (rewritten after every phase) and a table.
 """
@@ -272,19 +274,23 @@ def a_studio(base_b, tuned_b, pair, reps, tag=""):
     log(f"both sides{tag}", r)
 
 
-def b_studio(pool, base, adapter, data, n, work):
+def b_studio(pool, base, adapter, data, n, work, options):
     import shutil
 
     from eval.run import run_eval
-    opts = {"generate_kwargs": {"min_new_tokens": NEW_B}, **COMPILED}     # the engine phase A measured
+    opts = {"generate_kwargs": {"min_new_tokens": NEW_B}, **options}     # the engine loaded before
     refs = {"base": f"local:{base}", "pair": [f"local:{base}", f"local:{base}+{adapter}"]}
     run_eval(data, [refs["base"]], work / "warm", limit=32, backend_options=opts, pool=pool)    # warm this path once
-    for tag, models in (("base", [refs["base"]]), ("pair", refs["pair"])):
+    generator = pool.backend(refs["base"], **opts).engine.generator
+    # base_unshared: each row prefills its whole prompt (no shared chart head), as before the heads were shared
+    for tag, models in (("base", [refs["base"]]), ("pair", refs["pair"]), ("base_unshared", [refs["base"]])):
         out = work / f"evals-{tag}"
         shutil.rmtree(out, ignore_errors=True)
+        generator.share_prefixes = tag != "base_unshared"
         t = time.perf_counter()
         sums = run_eval(data, models, out, limit=n, max_new_tokens=NEW_B, backend_options=opts, pool=pool)
         wall = time.perf_counter() - t
+        generator.share_prefixes = True
         R.setdefault("B", {})[f"studio_eval_{tag}"] = r = {
             "n": sums[0]["n"], "models": len(models), "batch": sums[0]["execution"]["batch_size"],
             "wall_s": round(wall, 3), "answers_s": round(len(models) * sums[0]["n"] / wall, 2),
@@ -292,13 +298,13 @@ def b_studio(pool, base, adapter, data, n, work):
         log(f"studio_eval_{tag}", r)
 
 
-def c_correctness(pool, base, adapter, pair, plain_ref):
+def c_correctness(pool, base, adapter, pair, plain_ref, options):
     import torch
 
     from eval.protocol import Request
     request = Request(pair[0], pair[1], max_new_tokens=1)
-    engine = pool.backend(f"local:{base}", **COMPILED).engine
-    slot = pool.backend(f"local:{base}+{adapter}", **COMPILED).slot
+    engine = pool.backend(f"local:{base}", **options).engine
+    slot = pool.backend(f"local:{base}+{adapter}", **options).slot
     logits = engine.first_logits([request, request], [0, slot])
     c = {}
     for k, name in ((0, "base"), (1, "adapter")):
@@ -321,6 +327,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=625)
     ap.add_argument("--deadline", type=float, default=550, help="seconds: optional phases are skipped after this")
+    ap.add_argument("--phases", default="A,B,C", help="which of A (batch 1), B (batched), C (correctness) to run")
     args = ap.parse_args()
 
     import peft
@@ -374,6 +381,8 @@ def main():
     from eval.images import pad_to_square
     pair = (pad_to_square(img), q)
     reps = args.reps
+    phases = set(args.phases.split(","))
+    R["phases"] = sorted(phases)
     dev = "cuda" if cuda else "cpu"
     plain_ref: dict = {}
 
@@ -384,8 +393,9 @@ def main():
                                                         device_map={"": dev}).eval()
         R.setdefault("load", {})["plain_bf16_s"] = round(time.perf_counter() - t, 1)
         plain_ref["base"] = plain_logits(m, processor, pair)
-        phase("A_plain_bf16_dynamic", a_plain, "plain_bf16_dynamic", m, processor, pair, reps)
-        for b in ((16, 64, 128) if not args.tiny else (4, 8)):
+        if "A" in phases:
+            phase("A_plain_bf16_dynamic", a_plain, "plain_bf16_dynamic", m, processor, pair, reps)
+        for b in ((16, 64, 128) if not args.tiny else (4, 8)) if "B" in phases else ():
             phase(f"B_plain_bf16_b{b}", b_plain, f"plain_bf16_b{b}", m, processor, questions, b)
 
         def static():
@@ -394,7 +404,8 @@ def main():
             first = time.perf_counter() - t
             a_plain("plain_bf16_static_compile", m, processor, pair, reps, cache_implementation="static")
             R["A"]["plain_bf16_static_compile"]["first_call_s"] = round(first, 1)
-        phase("A_plain_bf16_static_compile", static)
+        if "A" in phases:
+            phase("A_plain_bf16_static_compile", static)
         from peft import PeftModel
         pm = PeftModel.from_pretrained(m, str(adapter)).eval()
         plain_ref["adapter"] = plain_logits(pm, processor, pair)
@@ -425,12 +436,16 @@ def main():
         return b, tb
 
     pool = ModelPool()
-    loaded = phase("studio_load", studio_load, pool, "", COMPILED)
+    options = COMPILED if "A" in phases else UNCOMPILED
+    loaded = phase("studio_load", studio_load, pool, "", options)
     if loaded:
         base_b, tuned_b = loaded
-        phase("C_correctness", c_correctness, pool, base, adapter, pair, plain_ref)
-        phase("A_studio", a_studio, base_b, tuned_b, pair, reps)
-        phase("B_studio", b_studio, pool, base, adapter, data, n, work)
+        if "C" in phases:
+            phase("C_correctness", c_correctness, pool, base, adapter, pair, plain_ref, options)
+        if "A" in phases:
+            phase("A_studio", a_studio, base_b, tuned_b, pair, reps)
+        if "B" in phases:
+            phase("B_studio", b_studio, pool, base, adapter, data, n, work, options)
         if cuda:
             R["load"]["studio"]["peak_gb"] = gb(torch.cuda.max_memory_allocated())
             R["load"]["studio"]["graph_error"] = base_b.engine.generator.graph_error
@@ -440,8 +455,8 @@ def main():
     free()
 
     pool = ModelPool()
-    loaded = phase("studio_load_nocompile", studio_load, pool, "_nocompile", UNCOMPILED, cost=20,
-                   deadline=args.deadline)
+    loaded = "A" in phases and phase("studio_load_nocompile", studio_load, pool, "_nocompile", UNCOMPILED, cost=20,
+                                     deadline=args.deadline)
     if loaded:
         phase("A_studio_nocompile", a_studio, *loaded, pair, reps, "_nocompile", cost=30, deadline=args.deadline)
     pool.unload()
@@ -465,7 +480,8 @@ def main():
         a_plain("plain_4bit", m, processor, pair, 2)
         pm = PeftModel.from_pretrained(m, str(adapter)).eval()
         a_plain("plain_4bit_peft_r128", pm, processor, pair, 2)
-    phase("plain_4bit", plain_4bit, cost=100, deadline=args.deadline)
+    if "A" in phases:
+        phase("plain_4bit", plain_4bit, cost=100, deadline=args.deadline)
 
     # ---- the figures the issue tracks
     A, B = R.get("A", {}), R.get("B", {})
@@ -487,6 +503,7 @@ def main():
         "warm_s": get(R.get("load", {}), "studio", "warm_s"),
         "eval_base_answers_s": get(B, "studio_eval_base", "answers_s"),
         "eval_pair_ratio": round(eval_pair / eval_base, 3) if eval_base and eval_pair else None,
+        "eval_base_unshared_answers_s": get(B, "studio_eval_base_unshared", "answers_s"),
         "anchor_static_tok_s": get(A, "plain_bf16_static_compile", "decode_tok_s"),
         "anchor_static_e2e_tok_s": get(A, "plain_bf16_static_compile", "tok_s"),
         "anchor_dynamic_tok_s": get(A, "plain_bf16_dynamic", "decode_tok_s"),
@@ -502,7 +519,9 @@ def main():
              "decode_adapter_nocompile_tok_s"),
             ("batch-1 decode, base + adapter vs plain 4-bit + PEFT (tok/s)", "decode_adapter_tok_s",
              "anchor_4bit_peft_tok_s"),
-            ("benchmark, base (answers/s)", "eval_base_answers_s", "anchor_eval_best_answers_s")]
+            ("benchmark, base (answers/s)", "eval_base_answers_s", "anchor_eval_best_answers_s"),
+            ("benchmark, base: chart heads shared vs not (answers/s)", "eval_base_answers_s",
+             "eval_base_unshared_answers_s")]
     print("\n| what | studio | anchor | ratio |\n|---|---:|---:|---:|")
     for label, mine, anchor in rows:
         ratio = f"{s[mine] / s[anchor]:.2f}x" if s.get(mine) and s.get(anchor) else "-"

@@ -45,7 +45,7 @@ WORDS = ("value share percent highest lowest largest smallest maximum minimum ca
          "year month quarter revenue sales users people hours minutes million thousand billion dollars").split()
 # the speed options measured one at a time against the defaults: a field (every other value of it), or
 # (field, value) for a field without choices
-OPTIONS = ("loss_impl", "adapter_dtype", "liger", "packing", "compile", ("optim", "adamw_torch_fused"))
+OPTIONS = ("loss_impl", "adapter_dtype", "liger", "packing", "fused_lora", "compile", ("optim", "adamw_torch_fused"))
 
 
 def log(*a):
@@ -382,8 +382,13 @@ def main() -> None:
     except ImportError:
         have_trl = False
     names = [("trl", None)] + variants()
-    if a.runs:
-        names = [x for x in names if x[0] in a.runs.split(",")]
+    if a.runs:      # a name may join variants with "+" (fused_lora=true+packing=true): both options set
+        known = dict(names)
+        wanted = a.runs.split(",")
+        for name in wanted:
+            if "+" in name and all(part in known for part in name.split("+")):
+                names.append((name, {k: v for part in name.split("+") for k, v in known[part].items()}))
+        names = [x for x in names if x[0] in wanted]
     res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC",
            time.gmtime()), "commit": _commit(), "tiny": a.tiny, "mode": "qlora" if cuda else "lora",
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()

@@ -159,13 +159,17 @@ def _score_batch(backends: dict, batch: list[dict], settings: dict, metrics) -> 
         if not errors[q["id"]]:
             asked.append(q)
 
-    def read(q):
+    def read(path):
         try:
-            return load_image(q["image"]), None
+            return load_image(path), None
         except ImageError as e:
             return None, f"image: {e}"
     from eval.local import cpu_pool
-    for q, (image, error) in zip(asked, cpu_pool().map(read, asked) if len(asked) > 8 else map(read, asked)):
+    # Each file read once: its questions share the image object, which a local engine encodes once
+    paths = list(dict.fromkeys(q["image"] for q in asked))
+    loaded = dict(zip(paths, cpu_pool().map(read, paths) if len(paths) > 8 else map(read, paths)))
+    for q in asked:
+        image, error = loaded[q["image"]]
         if error:
             errors[q["id"]] = error
         else:
@@ -225,8 +229,10 @@ def run_models(questions: list[dict], members: list[tuple], *, batch_size: int, 
 
     def pending(st, q):
         return q["id"] not in st["done"] or bool(st["done"][q["id"]].get("error"))
-    # Sorted by length so a batch's prompts pad to about the same size; written back in dataset order.
-    todo = sorted((q for q in questions if any(pending(st, q) for st in states)), key=lambda q: len(q["question"]))
+    # A chart's questions together (a local engine prefills the chart once for all of them), by length
+    # within it so their prompts pad to about the same size; written back in dataset order.
+    todo = sorted((q for q in questions if any(pending(st, q) for st in states)),
+                  key=lambda q: (str(q["image"]), len(q["question"])))
     settings = {**members[0][2]["prompt"], **members[0][2]["generation"]}
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     start, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")

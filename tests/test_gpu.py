@@ -168,3 +168,39 @@ def test_qlora_steps_train_and_save_adapter_with_projector(demo_model, tmp_path)
     with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert any("lora_A" in k for k in keys) and any("multi_modal_projector" in k for k in keys)
+
+
+def test_fused_lora_on_4bit_layers_gives_peft_losses_and_gradients(demo_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
+
+    from eval.local import skip_modules
+    from test_train_speed import a_batch
+    from training.fused_lora import fuse_lora
+
+    batch = {k: v.to("cuda") for k, v in a_batch(demo_model, make_dataset(tmp_path / "ds")).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+
+    def run(fused):
+        torch.manual_seed(0)
+        q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                llm_int8_skip_modules=skip_modules(AutoConfig.from_pretrained(demo_model)))
+        model = AutoModelForImageTextToText.from_pretrained(demo_model, quantization_config=q4, dtype=torch.bfloat16,
+                                                            device_map={"": "cuda"})
+        model = get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False,
+            target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
+        assert not fused or fuse_lora(model) > 0
+        model.train()
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.float().item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    (plain, plain_grads), (fused, fused_grads) = run(False), run(True)
+    assert fused == pytest.approx(plain, rel=1e-2)
+    for name, g in plain_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten(), g.flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))

@@ -123,6 +123,29 @@ def test_mixed_batches_and_batches_match_single_requests(demo_model, adapter, ad
     assert backends[1].generate(requests_) == alone[1]
 
 
+def test_questions_about_one_chart_prefill_its_head_once_with_the_same_answers(demo_model, adapter, requests_):
+    """A benchmark asks several questions per chart: rows with the same image and adapter prefill the
+    template + image tokens once and copy its cache. Answers equal the unshared batch's, token for token."""
+    pool = ModelPool()
+    base, tuned = pool.backend(f"local:{demo_model}"), pool.backend(f"local:{demo_model}+{adapter}")
+    engine, generator = base.engine, base.engine.generator
+    questions = ["What is the title of the chart?", "Which category has the highest value?", "How many bars?"]
+    asked = [Request(r.image, q, max_new_tokens=8) for r in requests_ for q in questions]
+    slots = [0] * len(asked) + [tuned.slot] * len(asked)
+    batch = engine.prepare([(r, s, {}) for r, s in zip(asked * 2, slots)])
+    group_of, _, firsts = generator._shared_heads(batch.rows)
+    assert len(firsts) == 2 * len(requests_) and len(set(group_of)) == len(firsts)   # one head per (chart, slot)
+    try:
+        generator.share_prefixes = False
+        unshared, unshared_logits = engine.generate(asked * 2, slots), engine.first_logits(asked * 2, slots)
+    finally:
+        generator.share_prefixes = True
+    shared, shared_logits = engine.generate(asked * 2, slots), engine.first_logits(asked * 2, slots)
+    assert shared == unshared
+    assert shared[:len(asked)] != shared[len(asked):], "the adapter's rows should answer differently"
+    assert (shared_logits - unshared_logits).abs().max() < 1e-4
+
+
 def test_both_sides_streaming_at_once_share_one_batch_and_equal_one_at_a_time(demo_model, adapter, requests_):
     pool = ModelPool()
     base, tuned = pool.backend(f"local:{demo_model}"), pool.backend(f"local:{demo_model}+{adapter}")

@@ -215,6 +215,47 @@ def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_p
     assert curve(tmp_path) == pytest.approx(reference_curve, abs=2e-4)
 
 
+# ---------------------------------------------------------------- fused LoRA
+def test_fused_lora_gives_peft_losses_and_gradients_with_dropout(demo_model, dataset):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForImageTextToText
+
+    from training.fused_lora import fuse_lora
+
+    batch = a_batch(demo_model, dataset)
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, init_lora_weights=False,
+                                                 target_modules=r".*language_model.*\.(q_proj|o_proj|gate_proj)"))
+        if fused:
+            assert fuse_lora(model) == sum(isinstance(m, LoraLayer) for m in model.modules()) > 0
+        model.train()
+        torch.manual_seed(1)                  # the same dropout masks, drawn in the same order
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad(), model.disable_adapter():      # PEFT's own path: the base alone
+            model.eval()
+            base = model(**batch).loss
+        return loss.item(), grads, base.item()
+
+    (plain, plain_grads, plain_base), (fused, fused_grads, fused_base) = run(False), run(True)
+    assert fused == pytest.approx(plain, abs=1e-5) and fused_base == pytest.approx(plain_base, abs=1e-6)
+    assert fused_base != pytest.approx(fused, abs=1e-3), "the random adapter should change the loss"
+    assert plain_grads.keys() == fused_grads.keys()
+    for name, g in plain_grads.items():
+        assert torch.allclose(fused_grads[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_fused_lora_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path, reference_curve, capsys):
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", fused_lora=True, **CURVE))
+    assert "LoRA linears add their update inside the matmul" in capsys.readouterr().out
+    assert curve(tmp_path) == pytest.approx(reference_curve, abs=1e-4)
+
+
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
     """What torch's CUDA varlen kernel computes (causal attention within each segment), in plain SDPA."""
     assert kw in ({"is_causal": True}, {"window_size": (-1, 0)}, {"window_size": (-1, 0), "scale": kw.get("scale")})

@@ -102,6 +102,9 @@ class TrainConfig(JobConfig):
                                   "varlen flash kernel when it runs, else SDPA with a block-diagonal mask; "
                                   "flash_attention_2 reads the same boundaries). The loss is unchanged; no pad "
                                   "tokens are computed.", group="speed")
+    fused_lora: bool = option(False, "Each LoRA linear adds its low-rank update inside the second matmul "
+                                     "(addmm's epilogue) instead of PEFT's clone, scale and add over the layer's "
+                                     "output: same arithmetic, fewer passes over memory.", group="speed")
     compile: bool = option(False, "torch.compile each decoder layer of the language model (regional: one compile "
                                   "shared by all layers, under gradient checkpointing and LoRA); if a layer fails "
                                   "to compile the layers run eagerly, with the reason logged.", group="speed")

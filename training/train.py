@@ -415,6 +415,9 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
         from training.packing import packed_attention
         print(f"packing: attention over packed rows by {packed_attention(model, cfg.attn_implementation, on_cuda)}")
     model = add_lora(model, cfg, keep_full, bf16)
+    if cfg.fused_lora and cfg.mode != "full":
+        from training.fused_lora import fuse_lora
+        print(f"fused_lora: {fuse_lora(model)} LoRA linears add their update inside the matmul")
     if cfg.compile:
         from training.compiling import compile_layers
         print(f"compile: {compile_layers(model)['layers']} decoder layers compiled (torch.compile, regional)")
