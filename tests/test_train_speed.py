@@ -87,7 +87,8 @@ def test_chunked_answer_loss_equals_the_model_loss_and_its_gradients(demo_model,
     assert abs(mean.item() - model(**batch).loss.item()) < 1e-5
 
 
-CURVE = dict(max_steps=3, save_steps=100, grad_accum=2, per_device_batch_size=2, eval_limit=0)
+# each curve test turns one speed option on against a reference with none (fused_lora is on by default)
+CURVE = dict(max_steps=3, save_steps=100, grad_accum=2, per_device_batch_size=2, eval_limit=0, fused_lora=False)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_a_packed_token_never_attends_to_another_sample(demo_model, dataset):
 
 
 def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path, reference_curve):
-    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", packing=True, **CURVE))
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", packing="true", **CURVE))
     assert curve(tmp_path) == pytest.approx(reference_curve, abs=2e-4)
 
 
@@ -251,7 +252,7 @@ def test_fused_lora_gives_peft_losses_and_gradients_with_dropout(demo_model, dat
 
 
 def test_fused_lora_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_path, reference_curve, capsys):
-    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", fused_lora=True, **CURVE))
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", **{**CURVE, "fused_lora": True}))
     assert "LoRA linears add their update inside the matmul" in capsys.readouterr().out
     assert curve(tmp_path) == pytest.approx(reference_curve, abs=1e-4)
 
@@ -403,11 +404,14 @@ def test_adamw_torch_is_foreach_and_the_fused_one_is_accepted(demo_model, tmp_pa
         assert cls is torch.optim.AdamW and kwargs.get("fused") is fused
 
 
-def test_packing_and_compile_are_speed_fields_off_by_default():
+def test_speed_fields_default_to_what_the_gpu_measured_fastest():
     from training.config import form_fields
 
     fields = {f["name"]: f for f in form_fields()}
-    assert fields["packing"]["group"] == fields["compile"]["group"] == "speed"
-    assert TrainConfig().packing is False and TrainConfig().compile is False
-    with pytest.raises(ConfigError, match="true or false"):
+    assert fields["packing"]["group"] == fields["compile"]["group"] == fields["fused_lora"]["group"] == "speed"
+    cfg = TrainConfig()
+    assert (cfg.packing, cfg.fused_lora, cfg.compile) == ("auto", True, False)
+    with pytest.raises(ConfigError, match="packing"):
         TrainConfig.from_dict({"packing": "sometimes"})
+    with pytest.raises(ConfigError, match="true or false"):
+        TrainConfig.from_dict({"compile": "sometimes"})

@@ -97,14 +97,15 @@ class TrainConfig(JobConfig):
                                             "and the QLoRA paper do); float32 as PEFT upcasts them. Without bf16 "
                                             "(CPU) they stay float32.",
                                 choices=("bfloat16", "float32"), group="speed")
-    packing: bool = option(False, "Padding-free batches: a batch's samples end to end in one row, position ids "
+    packing: str = option("auto", "Padding-free batches: a batch's samples end to end in one row, position ids "
                                   "restarting per sample, attention kept within each sample (on CUDA torch's "
                                   "varlen flash kernel when it runs, else SDPA with a block-diagonal mask; "
                                   "flash_attention_2 reads the same boundaries). The loss is unchanged; no pad "
-                                  "tokens are computed.", group="speed")
-    fused_lora: bool = option(False, "Each LoRA linear adds its low-rank update inside the second matmul "
-                                     "(addmm's epilogue) instead of PEFT's clone, scale and add over the layer's "
-                                     "output: same arithmetic, fewer passes over memory.", group="speed")
+                                  "tokens are computed. auto: on with CUDA (where it was measured faster, "
+                                  "docs/BENCHMARKS.md), off on CPU.", choices=("auto", "true", "false"), group="speed")
+    fused_lora: bool = option(True, "Each LoRA linear adds its low-rank update inside the second matmul "
+                                    "(addmm's epilogue) instead of PEFT's clone, scale and add over the layer's "
+                                    "output: same arithmetic, fewer passes over memory.", group="speed")
     compile: bool = option(False, "torch.compile each decoder layer of the language model (regional: one compile "
                                   "shared by all layers, under gradient checkpointing and LoRA); if a layer fails "
                                   "to compile the layers run eagerly, with the reason logged.", group="speed")

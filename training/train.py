@@ -387,6 +387,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     on_cuda = torch.cuda.is_available()
     bf16 = auto_flag(cfg.bf16, on_cuda and torch.cuda.is_bf16_supported())
     tf32 = auto_flag(cfg.tf32, on_cuda and torch.cuda.get_device_capability()[0] >= 8)
+    packing = auto_flag(cfg.packing, on_cuda)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = paths["checkpoints"]
     main_process = int(env.get("RANK", "0")) == 0
@@ -411,7 +412,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     if cfg.liger and on_cuda:       # Liger's kernels are Triton: GPU only
         from training.loss import apply_liger
         apply_liger(model)
-    if cfg.packing:
+    if packing:
         from training.packing import packed_attention
         print(f"packing: attention over packed rows by {packed_attention(model, cfg.attn_implementation, on_cuda)}")
     model = add_lora(model, cfg, keep_full, bf16)
@@ -453,7 +454,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
         dataloader_persistent_workers=cfg.dataloader_workers > 0, dataloader_pin_memory=on_cuda,
         deepspeed=ds_config, use_cpu=not on_cuda)
     stop = threading.Event()
-    collator = PackingCollator() if cfg.packing else Collator(processor.tokenizer.pad_token_id)
+    collator = PackingCollator() if packing else Collator(processor.tokenizer.pad_token_id)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                                data_collator=collator,
                                callbacks=_callbacks(paths["metrics"], processor, questions, cfg, stop)
