@@ -306,6 +306,8 @@ class Generator:
             if image_token not in r.ids:
                 return None
             cut = len(r.ids) - r.ids[::-1].index(image_token)
+            if cut == len(r.ids):          # nothing after the image to prefill on its own
+                return None
             key = (r.slot, r.image, tuple(r.ids[:cut]))
             if key not in groups:
                 groups[key] = len(groups)
