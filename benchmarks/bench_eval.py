@@ -3,7 +3,9 @@ same questions, same process.
 
     python benchmarks/bench_eval.py --n 200 [--batch-sizes 4 8 16] [--threads 1] [--rounds 3]
 
-Model: the tiny LLaVA from eval/demo.py on CPU. Questions: a generated test split (charts.generate).
+Model: the shipped demo LLaVA (assets/demo-llava, 576 image tokens) on CPU, or --model. Questions: a generated
+test split (charts.generate, 3 per chart). Each batch size runs twice: as the runner does, a chart's questions
+prefilling their shared head (template + image tokens) once, and with that off (`heads not shared`).
 Timings exclude model loading (the backend is opened once, before any timer starts) and count image
 loading, generation and scoring, as a benchmark run does. Modes are interleaved over `--rounds`
 rounds and the best round of each is kept, so a neighbour's burst of CPU use hits all modes alike.
@@ -52,19 +54,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", help="kept after the run when given (default: a temp folder)")
+    parser.add_argument("--model", help="a local LLaVA folder (default: the shipped demo model, else a tiny built one)")
     args = parser.parse_args()
 
     import torch
 
     from charts.io import read_jsonl
     from eval.backends import open_backend
-    from eval.demo import build_demo_model
-    from eval.run import DEFAULT_SUFFIX, load_questions, run_eval
+    from eval.demo import build_demo_model, shipped_demo_model
+    from eval.run import DEFAULT_SUFFIX, load_questions, model_slug, run_eval
 
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_eval-"))
-    model = build_demo_model(workdir / "demo-llava")
+    model = Path(args.model) if args.model else shipped_demo_model() or build_demo_model(workdir / "demo-llava")
     data = make_questions(workdir, args.n)
     questions = load_questions(data, split="test")[: args.n]
     ref = f"local:{model}"
@@ -73,27 +76,31 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(questions)} questions, "
           f"max_new_tokens {args.max_new_tokens}, backend max_batch {backend.max_batch}")
 
-    best: dict[int, float] = {}       # batch size (1 = the plain loop) -> best seconds
-    answers: dict[int, list[str]] = {}
+    generator = backend.engine.generator
+    best: dict[tuple[int, bool], float] = {}       # (batch size (1 = the plain loop), heads shared) -> best seconds
+    answers: dict[tuple[int, bool], list[str]] = {}
     for _ in range(args.rounds):
-        seconds, answers[1] = one_at_a_time(backend, questions, DEFAULT_SUFFIX, args.max_new_tokens)
-        best[1] = min(best.get(1, seconds), seconds)
-        for batch in args.batch_sizes:
-            out = workdir / f"evals-b{batch}"
+        seconds, answers[1, True] = one_at_a_time(backend, questions, DEFAULT_SUFFIX, args.max_new_tokens)
+        best[1, True] = min(best.get((1, True), seconds), seconds)
+        for key in [(batch, shared) for batch in args.batch_sizes for shared in (True, False)]:
+            out = workdir / f"evals-b{key[0]}-{key[1]}"
             shutil.rmtree(out, ignore_errors=True)
+            generator.share_prefixes = key[1]
             start = time.perf_counter()
-            run_eval(data, [ref], out, split="test", limit=args.n, batch_size=batch,
+            run_eval(data, [ref], out, split="test", limit=args.n, batch_size=key[0],
                      max_new_tokens=args.max_new_tokens, open_backend=lambda r, **o: backend)
             seconds = time.perf_counter() - start
-            best[batch] = min(best.get(batch, seconds), seconds)
-            answers[batch] = [r["prediction"] for r in read_jsonl(out / "demo-llava" / "samples.jsonl")]
+            generator.share_prefixes = True
+            best[key] = min(best.get(key, seconds), seconds)
+            answers[key] = [r["prediction"] for r in read_jsonl(out / model_slug(ref) / "samples.jsonl")]
 
-    base_rate = len(questions) / best[1]
+    base_rate = len(questions) / best[1, True]
     print("\n| mode | batch | seconds (best of %d) | samples/s | ratio | same answers as one-at-a-time |" % args.rounds)
     print("|---|---:|---:|---:|---:|---:|")
-    for batch, seconds in best.items():
-        mode = "one at a time: backend.generate([req])" if batch == 1 else "eval.run, batched"
-        same = sum(a == b for a, b in zip(answers[batch], answers[1])) / len(answers[1])
+    for (batch, shared), seconds in best.items():
+        mode = "one at a time: backend.generate([req])" if batch == 1 else \
+            "eval.run, batched" + ("" if shared else ", heads not shared")
+        same = sum(a == b for a, b in zip(answers[batch, shared], answers[1, True])) / len(answers[1, True])
         rate = len(questions) / seconds
         print(f"| {mode} | {batch} | {seconds:.2f} | {rate:.1f} | {rate / base_rate:.2f}x | {same:.0%} |")
     if not args.workdir:
