@@ -86,6 +86,30 @@ def test_labels_cover_each_answer_with_its_leading_space_and_eos():
     assert {t for t, lab in zip(task, labels) if lab != IGNORE} == {1, 2}
 
 
+def test_a_reading_stage_mixes_in_cards_whose_target_is_every_line_drawn():
+    import numpy as np
+
+    from training.pretrain_data import READ_PROMPT, StreamConfig, reading_card, training_sample
+    stages = (Stage(0, "demo"), Stage(10, "demo", read_share=0.5))
+    tok = train_tokenizer(tokenizer_corpus(0, 30, stages, "hbar"), 300)
+    cfg = StreamConfig(seed=0, stages=stages, held_out="hbar", image_size=384, image_tokens=4, max_length=800,
+                       qa_per_chart=2, table_share=0.0, instruct_share=0.0, tokenizer_json=tok.to_str())
+    image_id = tok.token_to_id("<image>")
+    samples = [training_sample(i, cfg, tok, image_id) for i in range(30)]
+    assert all(s["look"] != "read" for s in samples[:10])          # the first stage reads none
+    cards = [s for s in samples[10:] if s["look"] == "read"]
+    assert 3 <= len(cards) <= 17
+    for card in cards:
+        assert READ_PROMPT in tok.decode(card["ids"])
+        target = tok.decode([t for t, lab in zip(card["ids"], card["labels"]) if lab != IGNORE])
+        spec, rng, _ = draw_chart(card["index"], 0, stages[1], "hbar")
+        rng.random()                                                 # the draw that chose a card
+        pixels, text = reading_card(spec, rng, 384)
+        assert target.strip() == text and text.split("\n")[0] == spec.title
+        assert np.array_equal(pixels, card["pixels"]) and pixels.shape == (384, 384, 3)
+        assert (pixels < 128).any()                                  # the lines are drawn, in dark ink
+
+
 def test_data_table_lists_every_category_and_value_as_printed():
     for kind in KINDS:
         spec = sample_spec(kind, random.Random(f"table:{kind}"), "demo")

@@ -84,9 +84,13 @@ class PretrainPreset:
     qa_weight: float = 0.5       # loss = qa_weight * mean(QA tokens) + (1 - qa_weight) * mean(table tokens)
     # Curriculum by chart index (reproducible, whatever the speed): big type, few simple kinds first;
     # then every kind but the held-out one in the demo look; then a share of the full default style range.
-    # At ~450 charts/s drawn, a GPU run draws ~190k charts: the last stage starts early in the second run.
+    # At ~450 charts/s drawn, a GPU run draws ~190k charts: the third stage starts early in the second run.
+    # The fourth was added after run 3 (which stopped at chart 470,620) could count bars but read almost no
+    # text: 30% of samples become reading cards (pretrain_data.reading_card), the text-reading warm-up of
+    # Pix2Struct and Donut, with the chart's own strings in large type as the whole picture.
     stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
-                     Stage(250_000, "demo", default_share=0.15))
+                     Stage(250_000, "demo", default_share=0.15),
+                     Stage(470_000, "demo", default_share=0.15, read_share=0.3))
     tokenizer_charts: int = 3000
     # --- schedule: warmup, constant, then a linear decay over the last decay_share of the planned
     # training time (warmup-stable-decay). The plan is in minutes of training, summed over runs, because
@@ -129,7 +133,7 @@ PRESETS = {
                            text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64, vocab_size=400,
                            max_length=400, qa_per_chart=4,
                            stages=(Stage(0, "demo-easy", EASY_KINDS), Stage(12, "demo"),
-                                   Stage(24, "demo", default_share=0.3)),
+                                   Stage(24, "demo", default_share=0.3, read_share=0.3)),
                            tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
                            plan_minutes=60.0, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
                            eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_table_tokens=24, eval_batch=32, eval_reserve_s=25.0,

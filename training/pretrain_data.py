@@ -35,6 +35,7 @@ class Stage:
     look: str                      # charts.spec.LOOKS key
     kinds: tuple[str, ...] = ()    # () = every kind but the held-out one
     default_share: float = 0.0     # share of charts drawn in the full default style range instead
+    read_share: float = 0.0        # share of samples that are reading cards (reading_card) instead of charts
 
 
 def stage_of(stages: tuple[Stage, ...], index: int) -> Stage:
@@ -57,6 +58,47 @@ def draw_chart(index: int, seed: int, stage: Stage, held_out: str):
     kinds = training_kinds(stage, held_out)
     look = "default" if stage.default_share and rng.random() < stage.default_share else stage.look
     return sample_spec(kinds[index % len(kinds)], rng, look), rng, look
+
+
+# ---------------------------------------------------------------- reading cards
+READ_PROMPT = "Read the text in the image, line by line."
+
+
+def reading_card(spec, rng: random.Random, size: int):
+    """A text-reading sample, the warm-up Pix2Struct and Donut learn to read from: the strings a chart of
+    `spec` prints (title, axis labels, each category with its value as formatted on the chart) drawn as
+    lines of 14-30 px type (a letter 1-2 patches high) at random places on a plain light background.
+    Returns (uint8 size x size x 3 pixels, the lines drawn, top to bottom, one per text line)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from charts.canvas import _font_file
+    from charts.spec import format_value
+    values = next(iter(spec.series.values()), [])
+    strings = [f"{c} {format_value(v, spec.fmt)}" for c, v in zip(spec.categories, values)]
+    strings += [x for x in (spec.x_label, spec.y_label) if x]
+    rng.shuffle(strings)
+    strings = [spec.title] + strings[:rng.randint(2, 7)]
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    ink = tuple(rng.randint(0, 90) for _ in range(3))
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    family = rng.choice(("DejaVu Sans", "Liberation Sans", "DejaVu Serif"))
+    lines, y = [], rng.randint(4, 24)
+    for k, text in enumerate(strings):
+        px = rng.randint(18, 30) if k == 0 else rng.randint(14, 24)
+        font = ImageFont.truetype(_font_file(family, k == 0), px)
+        width = draw.textlength(text, font=font)
+        if width > size - 8:                # too wide: smaller type, down to 12 px
+            px = int(px * (size - 8) / width)
+            font = ImageFont.truetype(_font_file(family, k == 0), max(px, 1))
+            width = draw.textlength(text, font=font)
+        if y + px * 1.3 > size or px < 12 or width > size - 8:
+            continue                        # a line that does not fit is left out of the card and its target
+        draw.text((rng.randint(4, int(size - 4 - width)), y), text, fill=ink, font=font)
+        lines.append(text)
+        y += int(px * rng.uniform(1.3, 2.2))
+    return np.asarray(img, dtype=np.uint8), "\n".join(lines)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -176,6 +218,12 @@ def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
     from charts.tables import TABLE_PROMPTS, data_table
     stage = stage_of(cfg.stages, index)
     spec, rng, look = draw_chart(index, cfg.seed, stage, cfg.held_out)
+    pixels, text = reading_card(spec, rng, cfg.image_size) if stage.read_share and rng.random() < stage.read_share \
+        else (None, "")
+    if text:          # (on a tiny image no line may fit: then the chart it came from)
+        ids, labels, task = encode(tok, *chat_text([(READ_PROMPT, text, TASK_TABLE)]), image_id, cfg.image_tokens)
+        return {"index": index, "kind": spec.kind, "look": "read", "pixels": pixels, "ids": ids[:cfg.max_length],
+                "labels": labels[:cfg.max_length], "task": task[:cfg.max_length]}
     png = render(spec)
     qas = make_questions(spec, rng)
     rng.shuffle(qas)
