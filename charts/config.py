@@ -189,6 +189,8 @@ def _coerce(f: dataclasses.Field, value):
         return float(value)
     if default is None and isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
+    if isinstance(value, bool):         # YAML's `false` for a field of words ("auto" / "true" / "false")
+        return "true" if value else "false"
     return str(value)
 
 

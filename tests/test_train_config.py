@@ -70,6 +70,14 @@ def test_bad_values_are_refused_with_the_field_name():
         parse_args(["--deepspeed", "zero4"])
 
 
+def test_yaml_booleans_read_as_the_words_of_auto_true_false_fields():
+    # train_config.yaml of runs made when packing was a bool holds `packing: false`; bf16 / tf32 likewise
+    cfg = TrainConfig.from_yaml("packing: false\nbf16: true\ntf32: false\nfused_lora: false\n")
+    assert (cfg.packing, cfg.bf16, cfg.tf32, cfg.fused_lora) == ("false", "true", "false", False)
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig.from_yaml("mode: true\n")
+
+
 def test_the_optimizer_names_checked_before_loading_are_those_transformers_accepts():
     from transformers.training_args import OptimizerNames
 
