@@ -70,9 +70,9 @@ def reading_card(spec, rng: random.Random, size: int):
     lines of 14-30 px type (a letter 1-2 patches high) at random places on a plain light background.
     Returns (uint8 size x size x 3 pixels, the lines drawn, top to bottom, one per text line)."""
     import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    from charts.canvas import _font_file
+    from charts.canvas import DPI, _font
     from charts.spec import format_value
     values = next(iter(spec.series.values()), [])
     strings = [f"{c} {format_value(v, spec.fmt)}" for c, v in zip(spec.categories, values)]
@@ -87,14 +87,16 @@ def reading_card(spec, rng: random.Random, size: int):
     lines, y = [], rng.randint(4, 24)
     for k, text in enumerate(strings):
         px = rng.randint(18, 30) if k == 0 else rng.randint(14, 24)
-        font = ImageFont.truetype(_font_file(family, k == 0), px)
+        font = _font(family, px * 72 / DPI, k == 0)        # charts' cached fonts, sized in points
         width = draw.textlength(text, font=font)
         if width > size - 8:                # too wide: smaller type, down to 12 px
             px = int(px * (size - 8) / width)
-            font = ImageFont.truetype(_font_file(family, k == 0), max(px, 1))
+            if px < 12:
+                continue                    # a line that does not fit is left out of the card and its target
+            font = _font(family, px * 72 / DPI, k == 0)
             width = draw.textlength(text, font=font)
-        if y + px * 1.3 > size or px < 12 or width > size - 8:
-            continue                        # a line that does not fit is left out of the card and its target
+        if y + px * 1.3 > size or width > size - 8:
+            continue
         draw.text((rng.randint(4, int(size - 4 - width)), y), text, fill=ink, font=font)
         lines.append(text)
         y += int(px * rng.uniform(1.3, 2.2))
@@ -218,12 +220,12 @@ def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
     from charts.tables import TABLE_PROMPTS, data_table
     stage = stage_of(cfg.stages, index)
     spec, rng, look = draw_chart(index, cfg.seed, stage, cfg.held_out)
-    pixels, text = reading_card(spec, rng, cfg.image_size) if stage.read_share and rng.random() < stage.read_share \
-        else (None, "")
-    if text:          # (on a tiny image no line may fit: then the chart it came from)
-        ids, labels, task = encode(tok, *chat_text([(READ_PROMPT, text, TASK_TABLE)]), image_id, cfg.image_tokens)
-        return {"index": index, "kind": spec.kind, "look": "read", "pixels": pixels, "ids": ids[:cfg.max_length],
-                "labels": labels[:cfg.max_length], "task": task[:cfg.max_length]}
+    if stage.read_share and rng.random() < stage.read_share:
+        pixels, text = reading_card(spec, rng, cfg.image_size)
+        if text:      # (on a tiny image no line may fit: then the chart it came from)
+            ids, labels, task = encode(tok, *chat_text([(READ_PROMPT, text, TASK_TABLE)]), image_id, cfg.image_tokens)
+            return {"index": index, "kind": spec.kind, "look": "read", "pixels": pixels, "ids": ids[:cfg.max_length],
+                    "labels": labels[:cfg.max_length], "task": task[:cfg.max_length]}
     png = render(spec)
     qas = make_questions(spec, rng)
     rng.shuffle(qas)
