@@ -217,17 +217,71 @@ def train(a) -> str:
                 sync()
                 state["wall"] = time.perf_counter() - state["t"]
                 state["prof"].__exit__(None, None, None)
+                state["syncs"] = watch_syncs()           # the next step (its batch fetch included)
+            elif st.global_step == warm + steps + 1 and "syncs" in state:
+                state["syncs"].stop()
 
-    cfg = TrainConfig(model=str(base), data=str(data), mode="qlora" if cuda else "lora",
-                      output_dir=str(work / "profile-out"), per_device_batch_size=batch, max_steps=warm + steps,
-                      eval_steps=0, eval_limit=0, save_steps=10_000, logging_steps=1, overwrite=True, resume="never",
-                      dataloader_workers=0 if a.tiny else 4, max_length=4096, gradient_checkpointing=True,
-                      lora_r=8 if a.tiny else 128, lora_alpha=16 if a.tiny else 256)
+    cfg = TrainConfig.from_dict({
+        "model": str(base), "data": str(data), "mode": "qlora" if cuda else "lora", "output_dir": str(work / "profile-out"),
+        "per_device_batch_size": batch, "max_steps": warm + steps + 1, "eval_steps": 0, "eval_limit": 0,
+        "save_steps": 10_000, "logging_steps": 1, "overwrite": True, "resume": "never",
+        "dataloader_workers": 0 if a.tiny else 4, "max_length": 4096, "gradient_checkpointing": True,
+        "lora_r": 8 if a.tiny else 128, "lora_alpha": 16 if a.tiny else 256,
+        **dict(kv.split("=", 1) for kv in a.train_set)}).validate()
     run_train(cfg, callbacks=[Profile()])
-    title = (f"{steps} QLoRA steps, batch {batch} x 835 tokens, TrainConfig defaults (loss_impl={cfg.loss_impl}, "
-             f"liger={cfg.liger}, adapter_dtype={cfg.adapter_dtype}); {batch * steps / state['wall']:.2f} samples/s "
-             "under the profiler")
-    return report(state["prof"], state["wall"], title, top=40)
+    changed = ", ".join(a.train_set) or "none"
+    title = (f"{steps} QLoRA steps, batch {batch} x 835 tokens, TrainConfig defaults (changed: {changed}; loss_impl="
+             f"{cfg.loss_impl}, liger={cfg.liger}, packing={cfg.packing}, fused_lora={cfg.fused_lora}); "
+             f"{batch * steps / state['wall']:.2f} samples/s under the profiler")
+    return (report(state["prof"], state["wall"], title, top=40) + "\n" + cpu_report(state["prof"]) + "\n"
+            + state["syncs"].report())
+
+
+def cpu_report(prof, top: int = 25) -> str:
+    """The CPU ops that took the most host time (self), where a GPU left idle waits for its next launch."""
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    lines = [f"{'CPU op (self time)':<60} {'calls':>7} {'ms':>9}"]
+    lines += [f"{e.key[:60]:<60} {e.count:7d} {e.self_cpu_time_total / 1e3:9.1f}" for e in rows]
+    return "\n".join(lines) + "\n"
+
+
+class watch_syncs:
+    """Every operation that makes the host wait for the GPU (torch.cuda.set_sync_debug_mode), counted by
+    the Python lines that led to it, until stop()."""
+
+    def __init__(self):
+        import traceback
+        import warnings
+
+        import torch
+        self.counts, self.torch, self.warnings = defaultdict(int), torch, warnings
+        self.show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return self.show(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename][-4:]
+            self.counts[" <- ".join(f"{_short(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames))] += 1
+
+        warnings.showwarning = show
+        self.filters = warnings.filters[:]
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self):
+        if self.torch.cuda.is_available():
+            self.torch.cuda.set_sync_debug_mode("default")
+        self.warnings.showwarning, self.warnings.filters[:] = self.show, self.filters
+
+    def report(self) -> str:
+        lines = [f"host-GPU synchronisations in one training step: {sum(self.counts.values())}"]
+        lines += [f"{n:5d}  {where}" for where, n in sorted(self.counts.items(), key=lambda kv: -kv[1])]
+        return "\n".join(lines) + "\n"
+
+
+def _short(path: str) -> str:
+    return path.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
 
 
 def main():
@@ -238,6 +292,8 @@ def main():
     ap.add_argument("--profile-batch", type=int, default=128)
     ap.add_argument("--work-serve", default="/tmp/gpu_serve")
     ap.add_argument("--work-train", default="/tmp/gpu_train")
+    ap.add_argument("--train-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a TrainConfig field to change for the train profile (repeatable)")
     a = ap.parse_args()
     if a.tiny:
         a.n, a.profile_batch = 12, 6

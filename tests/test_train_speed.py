@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from tests.test_train import make_dataset, quick
 from training import loss as loss_mod
@@ -255,6 +256,61 @@ def test_fused_lora_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tm
     train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", **{**CURVE, "fused_lora": True}))
     assert "LoRA linears add their update inside the matmul" in capsys.readouterr().out
     assert curve(tmp_path) == pytest.approx(reference_curve, abs=1e-4)
+
+
+def sibling_run(demo_model, batch, siblings, dropout):
+    """Loss and LoRA gradients of one forward+backward with q/k/v and gate/up LoRA, PEFT's forward or fused."""
+    from peft import LoraConfig, get_peft_model
+
+    from training.fused_lora import fuse_lora
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                             target_modules=r".*language_model.*_proj"))
+    n = fuse_lora(model, siblings=True) if siblings else 0
+    model.train()
+    torch.manual_seed(1)
+    loss = model(**batch).loss
+    loss.backward()
+    return n, loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_sibling_lora_without_dropout_gives_peft_losses_and_gradients(demo_model, dataset):
+    batch = a_batch(demo_model, dataset)
+    _, plain, plain_grads = sibling_run(demo_model, batch, False, 0.0)
+    n, fused, fused_grads = sibling_run(demo_model, batch, True, 0.0)
+    layers = AutoConfig.from_pretrained(demo_model).text_config.num_hidden_layers
+    assert n == 7 * layers                  # q k v o gate up down, each fused; 5 of them in two sibling groups
+    assert fused == pytest.approx(plain, abs=1e-5)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name, g in plain_grads.items():
+        assert torch.allclose(fused_grads[name], g, atol=1e-5, rtol=1e-4), name
+
+
+def test_sibling_lora_draws_one_dropout_mask_for_an_input_read_three_times(demo_model, dataset, monkeypatch):
+    masks = []
+    dropout = torch.nn.Dropout.forward
+
+    def counted(self, x):
+        masks.append(x.shape)
+        return dropout(self, x)
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", counted)
+    batch = a_batch(demo_model, dataset)
+    sibling_run(demo_model, batch, False, 0.1)
+    plain, masks[:] = len(masks), []
+    sibling_run(demo_model, batch, True, 0.1)
+    layers = AutoConfig.from_pretrained(demo_model).text_config.num_hidden_layers
+    assert (plain, len(masks)) == (7 * layers, 4 * layers)      # q/k/v -> 1, gate/up -> 1, o, down
+
+
+def test_sibling_lora_leaves_the_loss_curve_of_a_run_within_one_percent(demo_model, dataset, tmp_path,
+                                                                       reference_curve, capsys):
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked",
+                **{**CURVE, "fused_lora": True, "fused_lora_siblings": True}))
+    assert "share one A matmul" in capsys.readouterr().out
+    assert curve(tmp_path) == pytest.approx(reference_curve, rel=0.01)
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
