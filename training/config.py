@@ -106,10 +106,10 @@ class TrainConfig(JobConfig):
     fused_lora: bool = option(True, "Each LoRA linear adds its low-rank update inside the second matmul "
                                     "(addmm's epilogue) instead of PEFT's clone, scale and add over the layer's "
                                     "output: same arithmetic, fewer passes over memory.", group="speed")
-    fused_lora_siblings: bool = option(False, "With fused_lora, the q/k/v and the gate/up linears of a layer, which "
-                                              "read one input, share its dropout mask and one matmul with their A "
-                                              "matrices stacked (LoRA on a fused qkv_proj): fewer kernels, the same "
-                                              "parameters; one mask where PEFT draws three.", group="speed")
+    fused_lora_siblings: bool = option(True, "With fused_lora, the q/k/v and the gate/up linears of a layer, which "
+                                             "read one input, share its dropout mask and one matmul with their A "
+                                             "matrices stacked (LoRA on a fused qkv_proj): fewer kernels, the same "
+                                             "parameters; one mask where PEFT draws three.", group="speed")
     compile: bool = option(False, "torch.compile each decoder layer of the language model (regional: one compile "
                                   "shared by all layers, under gradient checkpointing and LoRA); if a layer fails "
                                   "to compile the layers run eagerly, with the reason logged.", group="speed")

@@ -455,7 +455,7 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
         dataloader_persistent_workers=cfg.dataloader_workers > 0, dataloader_pin_memory=on_cuda,
         deepspeed=ds_config, use_cpu=not on_cuda)
     stop = threading.Event()
-    collator = PackingCollator() if packing else Collator(processor.tokenizer.pad_token_id)
+    collator = (PackingCollator if packing else Collator)(processor.tokenizer.pad_token_id)
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
                                data_collator=collator,
                                callbacks=_callbacks(paths["metrics"], processor, questions, cfg, stop)
