@@ -25,19 +25,25 @@ from __future__ import annotations
 import types
 
 
+def _fusable(module, name) -> bool:
+    return (name in module.lora_A and name not in getattr(module, "lora_variant", {})
+            and module.lora_B[name].bias is None)
+
+
 def _fused_forward(self, x, *args, **kwargs):
-    names = self.active_adapters
-    if args or kwargs or self.disable_adapters or self.merged or len(names) != 1:
-        return type(self).forward(self, x, *args, **kwargs)
-    name = names[0]
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}) or self.lora_B[name].bias is not None:
+    names, group = self.active_adapters, getattr(self, "_siblings", None)
+    if (args or kwargs or self.disable_adapters or self.merged or len(names) != 1
+            or not all(_fusable(m, names[0]) for m in (group.members if group else [self]))):
         return type(self).forward(self, x, *args, **kwargs)
     import torch
+    name = names[0]
     result = self.base_layer(x)
-    lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-    low = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))
+    if group:
+        low = group.low(self, x, name)
+    else:
+        low = self.lora_A[name](self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
-                       lora_b.weight.t().to(result.dtype), alpha=self.scaling[name])
+                       self.lora_B[name].weight.t().to(result.dtype), alpha=self.scaling[name])
     return flat.view(result.shape)
 
 
@@ -51,10 +57,9 @@ class _Siblings:
     def __init__(self, members):
         self.members, self.x, self.ready = members, None, {}
 
-    def low(self, module, x):
+    def low(self, module, x, name):
         import torch
         if self.x is not x or module not in self.ready:
-            name = module.active_adapters[0]
             weights = [m.lora_A[name].weight for m in self.members]
             low = torch.nn.functional.linear(module.lora_dropout[name](x.to(weights[0].dtype)), torch.cat(weights))
             self.x, self.ready = x, dict(zip(self.members, low.split([w.shape[0] for w in weights], dim=-1)))
@@ -62,19 +67,6 @@ class _Siblings:
         if not self.ready:
             self.x = None       # the last sibling: let the input go
         return low
-
-
-def _sibling_forward(self, x, *args, **kwargs):
-    name = (self.active_adapters or [None])[0]
-    if (args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1
-            or any(name not in m.lora_A for m in self._siblings.members)):
-        return type(self).forward(self, x, *args, **kwargs)
-    import torch
-    result = self.base_layer(x)
-    low = self._siblings.low(self, x)
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
-                       self.lora_B[name].weight.t().to(result.dtype), alpha=self.scaling[name])
-    return flat.view(result.shape)
 
 
 def _plain(module) -> bool:
@@ -90,8 +82,7 @@ def _sibling_groups(model) -> list[list]:
         for names in SIBLINGS:
             members = [getattr(parent, n, None) for n in names]
             if (all(_plain(m) for m in members) and len({m.in_features for m in members}) == 1
-                    and all(not m.lora_variant and m.lora_B[a].bias is None for m in members for a in m.lora_B)
-                    and len({(tuple(m.active_adapters), repr(m.lora_dropout)) for m in members}) == 1):
+                    and len({repr(m.lora_dropout) for m in members}) == 1):
                 groups.append(members)
     return groups
 
@@ -99,16 +90,13 @@ def _sibling_groups(model) -> list[list]:
 def fuse_lora(model, siblings: bool = False) -> int:
     """Fuse the forward of every LoRA linear (dense or bitsandbytes 4-bit base) of a PEFT model; with
     `siblings`, linears that read one input also share its dropout mask and one A matmul."""
-    grouped = set()
     for members in _sibling_groups(model) if siblings else []:
         group = _Siblings(members)
         for m in members:
             m._siblings = group
-            m.forward = types.MethodType(_sibling_forward, m)
-            grouped.add(m)
-    fused = len(grouped)
+    fused = 0
     for module in model.modules():
-        if _plain(module) and module not in grouped:
+        if _plain(module):
             module.forward = types.MethodType(_fused_forward, module)
             fused += 1
     return fused
