@@ -101,8 +101,9 @@ class TrainConfig(JobConfig):
                                   "restarting per sample, attention kept within each sample (on CUDA torch's "
                                   "varlen flash kernel when it runs, else SDPA with a block-diagonal mask; "
                                   "flash_attention_2 reads the same boundaries). The loss is unchanged; no pad "
-                                  "tokens are computed. auto: on with CUDA (where it was measured faster, "
-                                  "docs/BENCHMARKS.md), off on CPU.", choices=("auto", "true", "false"), group="speed")
+                                  "tokens are computed; a batch of equal lengths has none and stays a plain batch. "
+                                  "auto: on with CUDA (where it was measured faster, docs/BENCHMARKS.md), off on "
+                                  "CPU.", choices=("auto", "true", "false"), group="speed")
     fused_lora: bool = option(True, "Each LoRA linear adds its low-rank update inside the second matmul "
                                     "(addmm's epilogue) instead of PEFT's clone, scale and add over the layer's "
                                     "output: same arithmetic, fewer passes over memory.", group="speed")
