@@ -110,6 +110,20 @@ def test_a_reading_stage_mixes_in_cards_whose_target_is_every_line_drawn():
         assert (pixels < 128).any()                                  # the lines are drawn, in dark ink
 
 
+def test_random_text_cards_draw_lines_no_chart_prints_and_leave_plain_cards_as_they_were():
+    from training.pretrain_data import reading_card
+    spec, rng, _ = draw_chart(3, 0, Stage(0, "demo"), "hbar")
+    state = rng.getstate()
+    plain = reading_card(spec, rng, 384)[1]
+    rng.setstate(state)
+    assert reading_card(spec, rng, 384, random_text=0.0)[1] == plain       # stages before random_text: unchanged
+    rng.setstate(state)
+    pixels, text = reading_card(spec, rng, 384, random_text=1.0)
+    printed = {spec.title, spec.x_label, spec.y_label, *plain.split("\n")}
+    assert text and not set(text.split("\n")) & printed and (pixels < 128).any()
+    assert any(ch.isdigit() for ch in text)                                  # numbers too, not only words
+
+
 def test_data_table_lists_every_category_and_value_as_printed():
     for kind in KINDS:
         spec = sample_spec(kind, random.Random(f"table:{kind}"), "demo")

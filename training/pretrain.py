@@ -87,10 +87,13 @@ class PretrainPreset:
     # At ~450 charts/s drawn, a GPU run draws ~190k charts: the third stage starts early in the second run.
     # The fourth was added after run 3 (which stopped at chart 470,620) could count bars but read almost no
     # text: 30% of samples become reading cards (pretrain_data.reading_card), the text-reading warm-up of
-    # Pix2Struct and Donut, with the chart's own strings in large type as the whole picture.
+    # Pix2Struct and Donut, with the chart's own strings in large type as the whole picture. Run 4 (to chart
+    # 791,248) learned to write such cards but not to read them: it wrote some other chart's strings, which
+    # the language prior predicts. From chart 800,000 half of a card's lines are random words and numbers.
     stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
                      Stage(250_000, "demo", default_share=0.15),
-                     Stage(470_000, "demo", default_share=0.15, read_share=0.3))
+                     Stage(470_000, "demo", default_share=0.15, read_share=0.3),
+                     Stage(800_000, "demo", default_share=0.15, read_share=0.3, random_text=0.5))
     tokenizer_charts: int = 3000
     # --- schedule: warmup, constant, then a linear decay over the last decay_share of the planned
     # training time (warmup-stable-decay). The plan is in minutes of training, summed over runs, because

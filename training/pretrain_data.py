@@ -36,6 +36,7 @@ class Stage:
     kinds: tuple[str, ...] = ()    # () = every kind but the held-out one
     default_share: float = 0.0     # share of charts drawn in the full default style range instead
     read_share: float = 0.0        # share of samples that are reading cards (reading_card) instead of charts
+    random_text: float = 0.0       # share of a card's lines drawn at random (words, numbers), not the chart's
 
 
 def stage_of(stages: tuple[Stage, ...], index: int) -> Stage:
@@ -64,10 +65,25 @@ def draw_chart(index: int, seed: int, stage: Stage, held_out: str):
 READ_PROMPT = "Read the text in the image, line by line."
 
 
-def reading_card(spec, rng: random.Random, size: int):
+def random_line(rng: random.Random) -> str:
+    """Words of the charts' vocabulary in a random order, and a number in a random chart format: a line
+    whose words and digits no language prior predicts, so that the only way to write it is to read it."""
+    from charts.spec import CATEGORY_SETS, TIME_AXES, format_value
+    words = [w for *_, cats in CATEGORY_SETS.values() for c in cats for w in c.split()]
+    words += [w for *_, labels in TIME_AXES for w in labels]
+    line = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+    if rng.random() < 0.8:
+        fmt = rng.choice(("percent", "decimal", "comma", "dollar", "short"))
+        low, high = (-1, 2.5) if fmt in ("percent", "decimal") else (1, 7)
+        line += " " + format_value(10 ** rng.uniform(low, high), fmt)
+    return line
+
+
+def reading_card(spec, rng: random.Random, size: int, random_text: float = 0.0):
     """A text-reading sample, the warm-up Pix2Struct and Donut learn to read from: the strings a chart of
     `spec` prints (title, axis labels, each category with its value as formatted on the chart) drawn as
-    lines of 14-30 px type (a letter 1-2 patches high) at random places on a plain light background.
+    lines of 14-30 px type (a letter 1-2 patches high) at random places on a plain light background; with
+    `random_text`, that share of the lines are random_line()s instead.
     Returns (uint8 size x size x 3 pixels, the lines drawn, top to bottom, one per text line)."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -79,6 +95,8 @@ def reading_card(spec, rng: random.Random, size: int):
     strings += [x for x in (spec.x_label, spec.y_label) if x]
     rng.shuffle(strings)
     strings = [spec.title] + strings[:rng.randint(2, 7)]
+    if random_text:
+        strings = [random_line(rng) if rng.random() < random_text else x for x in strings]
     background = tuple(rng.randint(225, 255) for _ in range(3))
     ink = tuple(rng.randint(0, 90) for _ in range(3))
     img = Image.new("RGB", (size, size), background)
@@ -221,7 +239,7 @@ def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
     stage = stage_of(cfg.stages, index)
     spec, rng, look = draw_chart(index, cfg.seed, stage, cfg.held_out)
     if stage.read_share and rng.random() < stage.read_share:
-        pixels, text = reading_card(spec, rng, cfg.image_size)
+        pixels, text = reading_card(spec, rng, cfg.image_size, stage.random_text)
         if text:      # (on a tiny image no line may fit: then the chart it came from)
             ids, labels, task = encode(tok, *chat_text([(READ_PROMPT, text, TASK_TABLE)]), image_id, cfg.image_tokens)
             return {"index": index, "kind": spec.kind, "look": "read", "pixels": pixels, "ids": ids[:cfg.max_length],
