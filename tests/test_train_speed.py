@@ -230,7 +230,8 @@ def test_packing_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tmp_p
 
 
 # ---------------------------------------------------------------- fused LoRA
-def test_fused_lora_gives_peft_losses_and_gradients_with_dropout(demo_model, dataset):
+@pytest.mark.parametrize("one_node", [False, True], ids=["autograd", "one-node"])
+def test_fused_lora_gives_peft_losses_and_gradients_with_dropout(demo_model, dataset, one_node):
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForImageTextToText
@@ -245,7 +246,7 @@ def test_fused_lora_gives_peft_losses_and_gradients_with_dropout(demo_model, dat
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, init_lora_weights=False,
                                                  target_modules=r".*language_model.*\.(q_proj|o_proj|gate_proj)"))
         if fused:
-            assert fuse_lora(model) == sum(isinstance(m, LoraLayer) for m in model.modules()) > 0
+            assert fuse_lora(model, one_node=one_node) == sum(isinstance(m, LoraLayer) for m in model.modules()) > 0
         model.train()
         torch.manual_seed(1)                  # the same dropout masks, drawn in the same order
         loss = model(**batch).loss
@@ -270,7 +271,7 @@ def test_fused_lora_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, tm
     assert curve(tmp_path) == pytest.approx(reference_curve, abs=1e-4)
 
 
-def sibling_run(demo_model, batch, siblings, dropout):
+def sibling_run(demo_model, batch, siblings, dropout, one_node=False):
     """Loss and LoRA gradients of one forward+backward with q/k/v and gate/up LoRA, PEFT's forward or fused."""
     from peft import LoraConfig, get_peft_model
 
@@ -280,7 +281,7 @@ def sibling_run(demo_model, batch, siblings, dropout):
     model = AutoModelForImageTextToText.from_pretrained(demo_model, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
                                              target_modules=r".*language_model.*_proj"))
-    n = fuse_lora(model, siblings=True) if siblings else 0
+    n = fuse_lora(model, siblings=True, one_node=one_node) if siblings else 0
     model.train()
     torch.manual_seed(1)
     loss = model(**batch).loss
@@ -288,10 +289,11 @@ def sibling_run(demo_model, batch, siblings, dropout):
     return n, loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def test_sibling_lora_without_dropout_gives_peft_losses_and_gradients(demo_model, dataset):
+@pytest.mark.parametrize("one_node", [False, True], ids=["autograd", "one-node"])
+def test_sibling_lora_without_dropout_gives_peft_losses_and_gradients(demo_model, dataset, one_node):
     batch = a_batch(demo_model, dataset)
     _, plain, plain_grads = sibling_run(demo_model, batch, False, 0.0)
-    n, fused, fused_grads = sibling_run(demo_model, batch, True, 0.0)
+    n, fused, fused_grads = sibling_run(demo_model, batch, True, 0.0, one_node)
     layers = AutoConfig.from_pretrained(demo_model).text_config.num_hidden_layers
     assert n == 7 * layers                  # q k v o gate up down, each fused; 5 of them in two sibling groups
     assert fused == pytest.approx(plain, abs=1e-5)
@@ -328,6 +330,17 @@ def test_sibling_lora_with_dropout_leaves_the_loss_curve_of_a_run_within_one_per
     assert "share one A matmul" in capsys.readouterr().out
     assert len(runs[True]) >= 3 and runs[True] != runs[False]          # other masks, so not the same numbers
     assert runs[True] == pytest.approx(runs[False], rel=0.01)
+
+
+def test_one_node_lora_leaves_a_checkpointed_run_with_dropout_equal(demo_model, dataset, tmp_path, capsys):
+    # written-out backwards under gradient checkpointing's recompute, with dropout masks redrawn there
+    runs = {}
+    for one_node in (False, True):
+        train(quick(demo_model, dataset, tmp_path / str(one_node), loss_impl="chunked", lora_dropout=0.1,
+                    gradient_checkpointing=True, **{**CURVE, "fused_lora": True, "fused_lora_one_node": one_node}))
+        runs[one_node] = curve(tmp_path / str(one_node))
+    assert "one autograd node per half" in capsys.readouterr().out
+    assert len(runs[True]) >= 3 and runs[True] == pytest.approx(runs[False], abs=1e-4)
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):

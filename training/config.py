@@ -111,6 +111,9 @@ class TrainConfig(JobConfig):
                                              "read one input, share its dropout mask and one matmul with their A "
                                              "matrices stacked (LoRA on a fused qkv_proj): fewer kernels, the same "
                                              "parameters; one mask where PEFT draws three.", group="speed")
+    fused_lora_one_node: bool = option(False, "With fused_lora, each half of a LoRA linear's low-rank path (dropout "
+                                              "and A; B's addmm) is one autograd node with a written-out backward: "
+                                              "the same kernels and numbers, less host time per step.", group="speed")
     compile: bool = option(False, "torch.compile each decoder layer of the language model (regional: one compile "
                                   "shared by all layers, under gradient checkpointing and LoRA); if a layer fails "
                                   "to compile the layers run eagerly, with the reason logged.", group="speed")

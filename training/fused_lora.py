@@ -13,6 +13,12 @@ merged, adapters enabled, no extra forward arguments; anything else calls PEFT's
 
     n = fuse_lora(peft_model)      # the number of LoRA linears whose forward is now fused
 
+With `one_node=True` (TrainConfig.fused_lora_one_node) each half of the low-rank path is one autograd
+node with a written-out backward: `LowRank` (dropout, then the A matmul) and `AddLowRank` (the addmm
+with B), instead of the 5-7 nodes (dropout, views, transposes, matmuls) autograd records per linear. The
+kernels and numbers are the same (the same dropout mask, drawn by the same native_dropout call); what it
+saves is host time per node, which bounds a 4-bit training step that launches ~10,000 kernels.
+
 With `siblings=True` (TrainConfig.fused_lora_siblings) the linears of one layer that read the same input
 (q/k/v_proj, gate/up_proj) also share their first half: one dropout mask on the input and one matmul
 with their A matrices stacked, `dropout(x) @ [A_q; A_k; A_v]^T`, each sibling then taking its r columns.
@@ -22,6 +28,7 @@ layer 4 dropouts instead of 7, 2 A-matmuls instead of 5, and as many fewer in ba
 """
 from __future__ import annotations
 
+import functools
 import types
 
 
@@ -35,16 +42,76 @@ def _fused_forward(self, x, *args, **kwargs):
     if (args or kwargs or self.disable_adapters or self.merged or len(names) != 1
             or not all(_fusable(m, names[0]) for m in (group.members if group else [self]))):
         return type(self).forward(self, x, *args, **kwargs)
-    import torch
     name = names[0]
     result = self.base_layer(x)
     if group:
         low = group.low(self, x, name)
     else:
-        low = self.lora_A[name](self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]).to(result.dtype),
-                       self.lora_B[name].weight.t().to(result.dtype), alpha=self.scaling[name])
+        low = low_rank(x, [self.lora_A[name].weight], self.lora_dropout[name], self._one_node)
+    return add_low_rank(result, low, self.lora_B[name].weight, self.scaling[name], self._one_node)
+
+
+def low_rank(x, weights: list, dropout, one_node: bool):
+    """dropout(x) @ [A_1; A_2; ...]^T, (tokens, sum of ranks), as a matrix."""
+    import torch
+    if one_node and all(w.dtype == x.dtype for w in weights):
+        p = float(getattr(dropout, "p", 0.0)) if dropout.training else 0.0
+        return _functions()[0].apply(x, p, *weights)
+    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    return torch.nn.functional.linear(dropout(x.to(stacked.dtype)), stacked).reshape(-1, stacked.shape[0])
+
+
+def add_low_rank(result, low, b, scale: float, one_node: bool):
+    """result + scale * low @ B^T, in addmm's epilogue; result's shape."""
+    import torch
+    if one_node and low.dtype == b.dtype == result.dtype:
+        return _functions()[1].apply(result, low, b, scale)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.to(result.dtype), b.t().to(result.dtype), alpha=scale)
     return flat.view(result.shape)
+
+
+@functools.cache
+def _functions():
+    """The two autograd Functions (made on first use: torch is imported lazily)."""
+    import torch
+
+    class LowRank(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, p, *weights):
+            dropped, mask = torch.native_dropout(x, p, True) if p > 0 else (x, None)
+            stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+            flat = dropped.reshape(-1, x.shape[-1])
+            ctx.save_for_backward(flat, stacked, mask)
+            ctx.p, ctx.ranks, ctx.shape = p, [w.shape[0] for w in weights], x.shape
+            return flat @ stacked.t()
+
+        @staticmethod
+        def backward(ctx, grad):
+            flat, stacked, mask = ctx.saved_tensors
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad @ stacked).view(ctx.shape)
+                if mask is not None:
+                    grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - ctx.p))
+            grad_w = (grad.t() @ flat).split(ctx.ranks) if any(ctx.needs_input_grad[2:]) else [None] * len(ctx.ranks)
+            return grad_x, None, *grad_w
+
+    class AddLowRank(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, result, low, b, scale):
+            ctx.save_for_backward(low, b)
+            ctx.scale = scale
+            return torch.addmm(result.reshape(-1, result.shape[-1]), low, b.t(), alpha=scale).view(result.shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            low, b = ctx.saved_tensors
+            flat = grad.reshape(-1, grad.shape[-1])
+            grad_low = torch.mm(flat, b).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
+            grad_b = torch.mm(flat.t(), low).mul_(ctx.scale) if ctx.needs_input_grad[2] else None
+            return grad, grad_low, grad_b, None
+
+    return LowRank, AddLowRank
 
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))     # called in this order on one input
@@ -58,10 +125,9 @@ class _Siblings:
         self.members, self.x, self.ready = members, None, {}
 
     def low(self, module, x, name):
-        import torch
         if self.x is not x or module not in self.ready:
             weights = [m.lora_A[name].weight for m in self.members]
-            low = torch.nn.functional.linear(module.lora_dropout[name](x.to(weights[0].dtype)), torch.cat(weights))
+            low = low_rank(x, weights, module.lora_dropout[name], module._one_node)
             self.x, self.ready = x, dict(zip(self.members, low.split([w.shape[0] for w in weights], dim=-1)))
         low = self.ready.pop(module)
         if not self.ready:
@@ -87,9 +153,10 @@ def _sibling_groups(model) -> list[list]:
     return groups
 
 
-def fuse_lora(model, siblings: bool = False) -> int:
+def fuse_lora(model, siblings: bool = False, one_node: bool = False) -> int:
     """Fuse the forward of every LoRA linear (dense or bitsandbytes 4-bit base) of a PEFT model; with
-    `siblings`, linears that read one input also share its dropout mask and one A matmul."""
+    `siblings`, linears that read one input also share its dropout mask and one A matmul; with `one_node`,
+    each half of the low-rank path is one autograd node."""
     for members in _sibling_groups(model) if siblings else []:
         group = _Siblings(members)
         for m in members:
@@ -97,6 +164,7 @@ def fuse_lora(model, siblings: bool = False) -> int:
     fused = 0
     for module in model.modules():
         if _plain(module):
+            module._one_node = one_node
             module.forward = types.MethodType(_fused_forward, module)
             fused += 1
     return fused
