@@ -8,8 +8,9 @@ serve: benchmarks/gpu_serve.py's base, r128 adapter and questions (7B shapes, bf
        split into the engine's parts (prepare on the CPU, vision tower + projector, language-model prefill,
        decode steps; CUDA synchronised around each part); then one batch of --profile-batch questions
        under the profiler.
-train: benchmarks/gpu_train.py's dataset (a) (fixed 835-token samples) with the TrainConfig defaults; two
-       steps after the warm-up under the profiler.
+train: benchmarks/gpu_train.py's dataset (a) (fixed 835-token samples) with the TrainConfig defaults (or
+       --train-set FIELD=VALUE); two steps after the warm-up under the profiler, with the CPU ops that took the
+       most host time; then one more step with every host-GPU synchronisation counted by the code that made it.
 Each table: GPU kernel time by category (GEMM, 4-bit dequantize, attention, Triton, elementwise, copies,
 optimizer, other), the share of the profiled wall during which the GPU was busy, and the top kernels.
 """
@@ -217,7 +218,7 @@ def train(a) -> str:
                 sync()
                 state["wall"] = time.perf_counter() - state["t"]
                 state["prof"].__exit__(None, None, None)
-                state["syncs"] = watch_syncs()           # the next step (its batch fetch included)
+                state["syncs"] = SyncWatch()           # the next step (its batch fetch included)
             elif st.global_step == warm + steps + 1 and "syncs" in state:
                 state["syncs"].stop()
 
@@ -245,7 +246,7 @@ def cpu_report(prof, top: int = 25) -> str:
     return "\n".join(lines) + "\n"
 
 
-class watch_syncs:
+class SyncWatch:
     """Every operation that makes the host wait for the GPU (torch.cuda.set_sync_debug_mode), counted by
     the Python lines that led to it, until stop()."""
 
