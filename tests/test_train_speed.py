@@ -108,12 +108,12 @@ def test_chunked_loss_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, 
 
 
 def test_bf16_adapters_track_the_fp32_curve_within_three_percent(demo_model, dataset, tmp_path):
-    # Two steps each (bf16 autocast is slow on a CPU): the first loss is before any update, the second after
-    # one update of bf16 (or fp32) adapter weights.
+    # Two steps of one sample each (bf16 autocast is slow on a CPU): the first loss is before any update, the
+    # second after one update of bf16 (or fp32) adapter weights.
     runs = {}
     for dtype in ("float32", "bfloat16"):
         cfg = quick(demo_model, dataset, tmp_path / dtype, bf16="true", adapter_dtype=dtype, max_steps=2, eval_limit=0,
-                    save_steps=100)
+                    per_device_batch_size=1, save_steps=100)
         runs[dtype] = trained_dtypes(cfg)
     assert runs["float32"][1] == {"torch.float32"} and runs["bfloat16"][1] == {"torch.bfloat16"}
     ref, got = runs["float32"][0], runs["bfloat16"][0]
