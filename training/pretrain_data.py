@@ -14,6 +14,7 @@ rest of the project; only training/pretrain.py imports it.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import random
@@ -65,12 +66,18 @@ def draw_chart(index: int, seed: int, stage: Stage, held_out: str):
 READ_PROMPT = "Read the text in the image, line by line."
 
 
+@functools.cache
+def _chart_words() -> tuple[str, ...]:
+    from charts.spec import CATEGORY_SETS, TIME_AXES
+    return (tuple(w for *_, cats in CATEGORY_SETS.values() for c in cats for w in c.split())
+            + tuple(w for *_, labels in TIME_AXES for w in labels))
+
+
 def random_line(rng: random.Random) -> str:
     """Words of the charts' vocabulary in a random order, and a number in a random chart format: a line
     whose words and digits no language prior predicts, so that the only way to write it is to read it."""
-    from charts.spec import CATEGORY_SETS, TIME_AXES, format_value
-    words = [w for *_, cats in CATEGORY_SETS.values() for c in cats for w in c.split()]
-    words += [w for *_, labels in TIME_AXES for w in labels]
+    from charts.spec import format_value
+    words = _chart_words()
     line = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
     if rng.random() < 0.8:
         fmt = rng.choice(("percent", "decimal", "comma", "dollar", "short"))
