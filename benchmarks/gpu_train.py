@@ -45,7 +45,8 @@ WORDS = ("value share percent highest lowest largest smallest maximum minimum ca
          "year month quarter revenue sales users people hours minutes million thousand billion dollars").split()
 # the speed options measured one at a time against the defaults: a field (every other value of it), or
 # (field, value) for a field without choices
-OPTIONS = ("loss_impl", "adapter_dtype", "liger", "packing", "fused_lora", "fused_lora_siblings", "fused_lora_one_node", "compile", ("optim", "adamw_torch_fused"))
+OPTIONS = ("loss_impl", "adapter_dtype", "liger", "packing", "fused_lora", "fused_lora_siblings", "fused_lora_one_node",
+           "reuse_dequantized", "compile", ("optim", "adamw_torch_fused"))
 
 
 def log(*a):

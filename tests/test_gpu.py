@@ -170,9 +170,10 @@ def test_qlora_steps_train_and_save_adapter_with_projector(demo_model, tmp_path)
     assert any("lora_A" in k for k in keys) and any("multi_modal_projector" in k for k in keys)
 
 
-@pytest.mark.parametrize("siblings,one_node", [(False, False), (True, False), (True, True)],
-                         ids=["each", "siblings", "one-node"])
-def test_fused_lora_on_4bit_layers_gives_peft_losses_and_gradients(demo_model, tmp_path, siblings, one_node):
+@pytest.mark.parametrize("siblings,one_node,reuse", [(False, False, False), (True, False, False), (True, True, False),
+                                                     (True, False, True)],
+                         ids=["each", "siblings", "one-node", "reused-weights"])
+def test_fused_lora_on_4bit_layers_gives_peft_losses_and_gradients(demo_model, tmp_path, siblings, one_node, reuse):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoConfig, AutoModelForImageTextToText, BitsAndBytesConfig
@@ -193,7 +194,7 @@ def test_fused_lora_on_4bit_layers_gives_peft_losses_and_gradients(demo_model, t
         model = get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(
             r=8, lora_alpha=16, lora_dropout=0.0 if siblings else 0.1, init_lora_weights=False,
             target_modules=r".*language_model.*_proj" if siblings else r".*language_model.*\.(q_proj|v_proj|down_proj)"))
-        assert not fused or fuse_lora(model, siblings, one_node) > 0
+        assert not fused or fuse_lora(model, siblings, one_node, reuse) > 0
         model.train()
         torch.manual_seed(1)
         with torch.autocast("cuda", dtype=torch.bfloat16):

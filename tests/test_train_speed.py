@@ -335,6 +335,48 @@ def test_sibling_and_one_node_lora_keep_a_checkpointed_run_with_dropout_within_o
     assert runs[True] == pytest.approx(runs[False], rel=0.01)
 
 
+def four_bit_run(demo_model, batch, reuse):
+    """Loss, LoRA gradients and autograd node names of one checkpointed QLoRA step on 4-bit layers (CPU)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from eval.local import skip_modules
+    from training.fused_lora import fuse_lora
+
+    torch.manual_seed(0)
+    q4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                            llm_int8_skip_modules=skip_modules(AutoConfig.from_pretrained(demo_model)))
+    model = AutoModelForImageTextToText.from_pretrained(demo_model, quantization_config=q4, dtype=torch.float32,
+                                                        device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                             target_modules=r".*language_model.*_proj"))
+    assert fuse_lora(model, siblings=True, reuse=reuse) > 0
+    model.train()
+    loss = model(**batch).loss
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    nodes = {type(node).__name__ for node in seen}
+    loss.backward()
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}, nodes
+
+
+def test_reused_dequantized_weights_give_the_4bit_losses_and_gradients_without_bitsandbytes_backward(demo_model,
+                                                                                                    dataset):
+    batch = a_batch(demo_model, dataset)
+    plain, plain_grads, plain_nodes = four_bit_run(demo_model, batch, reuse=False)
+    reused, grads, nodes = four_bit_run(demo_model, batch, reuse=True)
+    assert "MatMul4BitBackward" in plain_nodes and "MatMul4BitBackward" not in nodes
+    assert reused == pytest.approx(plain, rel=1e-5)
+    assert grads.keys() == plain_grads.keys()
+    for name, g in plain_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-3), name
+
+
 def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
     """What torch's CUDA varlen kernel computes (causal attention within each segment), in plain SDPA."""
     assert kw in ({"is_causal": True}, {"window_size": (-1, 0)}, {"window_size": (-1, 0), "scale": kw.get("scale")})

@@ -114,6 +114,10 @@ class TrainConfig(JobConfig):
     fused_lora_one_node: bool = option(False, "With fused_lora, each half of a LoRA linear's low-rank path (dropout "
                                               "and A; B's addmm) is one autograd node with a written-out backward: "
                                               "the same kernels and numbers, less host time per step.", group="speed")
+    reuse_dequantized: bool = option(False, "With fused_lora and gradient checkpointing, a 4-bit layer's backward "
+                                            "reuses the bf16 weight dequantized in checkpoint's recompute instead "
+                                            "of dequantizing it again: one layer's weights more memory (about 0.4 "
+                                            "GB for a 7B model), fewer kernels and host time.", group="speed")
     compile: bool = option(False, "torch.compile each decoder layer of the language model (regional: one compile "
                                   "shared by all layers, under gradient checkpointing and LoRA); if a layer fails "
                                   "to compile the layers run eagerly, with the reason logged.", group="speed")

@@ -43,12 +43,26 @@ def _fused_forward(self, x, *args, **kwargs):
             or not all(_fusable(m, names[0]) for m in (group.members if group else [self]))):
         return type(self).forward(self, x, *args, **kwargs)
     name = names[0]
-    result = self.base_layer(x)
+    result = base_output(self.base_layer, x) if self._reuse else self.base_layer(x)
     if group:
         low = group.low(self, x, name)
     else:
         low = low_rank(x, [self.lora_A[name].weight], self.lora_dropout[name], self._one_node)
     return add_low_rank(result, low, self.lora_B[name].weight, self.scaling[name], self._one_node)
+
+
+def base_output(layer, x):
+    """A 4-bit linear's output as `F.linear(x, dequantized weight)` when x needs a gradient, so that autograd
+    saves the dequantized weight for backward; any other layer or call runs the layer itself."""
+    import torch
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    if state is None or not (torch.is_grad_enabled() and x.requires_grad):
+        return layer(x)
+    from bitsandbytes.functional import dequantize_4bit
+    dtype = getattr(layer, "compute_dtype", None) or x.dtype
+    weight = dequantize_4bit(layer.weight.data, state).to(dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return torch.nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
 
 
 def low_rank(x, weights: list, dropout, one_node: bool):
@@ -153,10 +167,11 @@ def _sibling_groups(model) -> list[list]:
     return groups
 
 
-def fuse_lora(model, siblings: bool = False, one_node: bool = False) -> int:
+def fuse_lora(model, siblings: bool = False, one_node: bool = False, reuse: bool = False) -> int:
     """Fuse the forward of every LoRA linear (dense or bitsandbytes 4-bit base) of a PEFT model; with
     `siblings`, linears that read one input also share its dropout mask and one A matmul; with `one_node`,
-    each half of the low-rank path is one autograd node."""
+    each half of the low-rank path is one autograd node; with `reuse`, a 4-bit base's backward reuses the
+    weight dequantized in its forward (for gradient-checkpointed models only)."""
     for members in _sibling_groups(model) if siblings else []:
         group = _Siblings(members)
         for m in members:
@@ -164,7 +179,7 @@ def fuse_lora(model, siblings: bool = False, one_node: bool = False) -> int:
     fused = 0
     for module in model.modules():
         if _plain(module):
-            module._one_node = one_node
+            module._one_node, module._reuse = one_node, reuse
             module.forward = types.MethodType(_fused_forward, module)
             fused += 1
     return fused

@@ -418,10 +418,12 @@ def train(cfg: TrainConfig, callbacks: list | None = None, env=os.environ) -> di
     model = add_lora(model, cfg, keep_full, bf16)
     if cfg.fused_lora and cfg.mode != "full":
         from training.fused_lora import fuse_lora
-        n = fuse_lora(model, cfg.fused_lora_siblings, cfg.fused_lora_one_node)
+        reuse = cfg.reuse_dequantized and cfg.gradient_checkpointing and cfg.mode == "qlora"
+        n = fuse_lora(model, cfg.fused_lora_siblings, cfg.fused_lora_one_node, reuse)
         print(f"fused_lora: {n} LoRA linears add their update inside the matmul"
               + (" (q/k/v and gate/up share one A matmul)" if cfg.fused_lora_siblings else "")
-              + (" (one autograd node per half)" if cfg.fused_lora_one_node else ""))
+              + (" (one autograd node per half)" if cfg.fused_lora_one_node else "")
+              + (" (4-bit backward reuses the dequantized weight)" if reuse else ""))
     if cfg.compile:
         from training.compiling import compile_layers
         print(f"compile: {compile_layers(model)['layers']} decoder layers compiled (torch.compile, regional)")
