@@ -302,6 +302,26 @@ def test_sibling_lora_without_dropout_gives_peft_losses_and_gradients(demo_model
         assert torch.allclose(fused_grads[name], g, atol=1e-5, rtol=1e-4), name
 
 
+def test_one_node_lora_under_bf16_autocast_gives_autograds_outputs_and_gradients():
+    # autocast runs the Functions' forward matmuls in bf16 over fp32 weights (the Trainer's bf16 with fp32
+    # adapters): their backward must follow, as autograd's own does
+    from training.fused_lora import add_low_rank, low_rank
+
+    def run(one_node):
+        torch.manual_seed(0)
+        x, result = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 12, requires_grad=True)
+        a, b = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = add_low_rank(result, low_rank(x, [a], torch.nn.Identity(), one_node), b, 0.5, one_node)
+        out.float().square().sum().backward()
+        return out, [t.grad for t in (x, result, a, b)]
+
+    (plain, plain_grads), (fused, fused_grads) = run(False), run(True)
+    assert fused.dtype == plain.dtype and torch.allclose(fused.float(), plain.float())
+    for g, ref in zip(fused_grads, plain_grads):
+        assert g.dtype == ref.dtype and torch.allclose(g, ref, rtol=2e-2, atol=2e-2)
+
+
 def test_sibling_lora_draws_one_dropout_mask_for_an_input_read_three_times(demo_model, dataset, monkeypatch):
     masks = []
     dropout = torch.nn.Dropout.forward

@@ -101,7 +101,9 @@ def _functions():
 
         @staticmethod
         def backward(ctx, grad):
-            flat, stacked, mask = ctx.saved_tensors
+            # under autocast the forward's matmul ran in a lower dtype than its inputs: backward in grad's dtype
+            flat, stacked, mask = (t if t is None or t.dtype == torch.bool else t.to(grad.dtype)
+                                   for t in ctx.saved_tensors)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = (grad @ stacked).view(ctx.shape)
@@ -119,7 +121,7 @@ def _functions():
 
         @staticmethod
         def backward(ctx, grad):
-            low, b = ctx.saved_tensors
+            low, b = (t.to(grad.dtype) for t in ctx.saved_tensors)
             flat = grad.reshape(-1, grad.shape[-1])
             grad_low = torch.mm(flat, b).mul_(ctx.scale) if ctx.needs_input_grad[1] else None
             grad_b = torch.mm(flat.t(), low).mul_(ctx.scale) if ctx.needs_input_grad[2] else None
