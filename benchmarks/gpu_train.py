@@ -353,6 +353,17 @@ def main() -> None:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--mean-tokens", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    names = [("trl", None)] + variants()
+    if a.runs:      # a name may join variants with "+" (fused_lora=true+packing=true): both options set
+        known = dict(names)
+        wanted = a.runs.split(",")
+        for name in wanted:
+            if "+" in name and all(part in known for part in name.split("+")):
+                names.append((name, {k: v for part in name.split("+") for k, v in known[part].items()}))
+        unknown = [w for w in wanted if w not in dict(names)]
+        if unknown:     # e.g. a default value (fused_lora=true is "project"): refused here, not dropped
+            ap.error(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(known)} (or several joined by +)")
+        names = [x for x in names if x[0] in wanted]
     if a.tiny:
         a.batch, a.warm, a.timed, a.workers, a.lora_r = 2, 1, 2, 0, 8
         a.tokens, a.deadline = min(a.tokens, 120), max(a.deadline, 1500)     # a shared CPU is slow, not timed
@@ -382,14 +393,6 @@ def main() -> None:
         have_trl = True
     except ImportError:
         have_trl = False
-    names = [("trl", None)] + variants()
-    if a.runs:      # a name may join variants with "+" (fused_lora=true+packing=true): both options set
-        known = dict(names)
-        wanted = a.runs.split(",")
-        for name in wanted:
-            if "+" in name and all(part in known for part in name.split("+")):
-                names.append((name, {k: v for part in name.split("+") for k, v in known[part].items()}))
-        names = [x for x in names if x[0] in wanted]
     res = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "date": time.strftime("%Y-%m-%d %H:%M UTC",
            time.gmtime()), "commit": _commit(), "tiny": a.tiny, "mode": "qlora" if cuda else "lora",
            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()

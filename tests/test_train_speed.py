@@ -355,8 +355,9 @@ def test_sibling_and_one_node_lora_keep_a_checkpointed_run_with_dropout_within_o
     assert runs[True] == pytest.approx(runs[False], rel=0.01)
 
 
-def four_bit_run(demo_model, batch, reuse):
-    """Loss, LoRA gradients and autograd node names of one checkpointed QLoRA step on 4-bit layers (CPU)."""
+def four_bit_run(demo_model, batch, reuse, steps=3):
+    """Loss curve, first-step LoRA gradients and autograd node names of a few checkpointed QLoRA steps on 4-bit
+    layers (CPU: train() itself refuses QLoRA without CUDA)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -373,25 +374,36 @@ def four_bit_run(demo_model, batch, reuse):
                                              target_modules=r".*language_model.*_proj"))
     assert fuse_lora(model, siblings=True, reuse=reuse) > 0
     model.train()
-    loss = model(**batch).loss
-    seen, todo = set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(n for n, _ in node.next_functions)
-    nodes = {type(node).__name__ for node in seen}
-    loss.backward()
-    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}, nodes
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    losses, grads, nodes = [], None, set()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        if grads is None:
+            seen, todo = set(), [loss.grad_fn]
+            while todo:
+                node = todo.pop()
+                if node is not None and node not in seen:
+                    seen.add(node)
+                    todo.extend(n for n, _ in node.next_functions)
+            nodes = {type(node).__name__ for node in seen}
+        loss.backward()
+        if grads is None:
+            grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, grads, nodes
 
 
-def test_reused_dequantized_weights_give_the_4bit_losses_and_gradients_without_bitsandbytes_backward(demo_model,
-                                                                                                    dataset):
-    batch = a_batch(demo_model, dataset)
+def test_reused_dequantized_weights_leave_the_4bit_loss_curve_and_gradients_without_bitsandbytes_backward(
+        demo_model, dataset):
+    batch = {k: v[:2] for k, v in a_batch(demo_model, dataset).items()}
     plain, plain_grads, plain_nodes = four_bit_run(demo_model, batch, reuse=False)
     reused, grads, nodes = four_bit_run(demo_model, batch, reuse=True)
     assert "MatMul4BitBackward" in plain_nodes and "MatMul4BitBackward" not in nodes
-    assert reused == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < plain[0]                             # it trains
+    assert reused == pytest.approx(plain, rel=1e-4)         # the stated tolerance: the same curve to 1e-4
     assert grads.keys() == plain_grads.keys()
     for name, g in plain_grads.items():
         assert torch.allclose(grads[name], g, atol=1e-5, rtol=1e-3), name
