@@ -74,6 +74,36 @@ def test_eval_json_scores_every_family_seen_swapped_and_prior(runs):
     assert "hbar" not in result["seen"]["by_kind"]
     assert result["step"] == 7 and result["device_seconds"] > 0
     assert set(result["seen"]["table"]) >= {"title", "labels", "values"}
+    probe = result["glyph_probe"]
+    assert probe["n"] == PRESETS["tiny"].eval_glyphs and probe["px"] == 24
+    assert all(0 <= probe[k] <= 100 for k in ("pixels", "tower", "random_tower"))
+
+
+def test_glyph_cards_draw_the_labelled_digit_in_ink_around_its_centre():
+    from training.pretrain_eval import glyph_cards
+
+    pixels, labels, centres = glyph_cards(60, 96, 24, 16, seed=0)
+    assert pixels.shape == (60, 96, 96, 3) and set(labels) == set(range(10))
+    for img, (x, y) in zip(pixels, centres):
+        assert 32 <= x <= 64 and 32 <= y <= 64                  # two patches from every edge
+        around, corner = img[y - 10:y + 10, x - 10:x + 10].min(), img[:8, :8].min()
+        assert around < 100 < 225 <= corner                     # dark ink at the centre, plain background elsewhere
+    again = glyph_cards(60, 96, 24, 16, seed=0)
+    assert (again[0] == pixels).all() and again[1] == labels    # a fixed seed: every run probes the same images
+
+
+def test_the_glyph_probe_reads_features_that_hold_the_digit_and_not_noise():
+    import torch
+
+    from training.pretrain_eval import _probe_accuracy
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (400,))
+    noise = torch.randn(400, 64)
+    holds = noise.clone()
+    holds[:, :10] += 5 * torch.nn.functional.one_hot(y, 10)     # a perfect reader would be right ~99.9%
+    assert _probe_accuracy(holds, y, 300) >= 95
+    assert _probe_accuracy(noise, y, 300) <= 30
 
 
 def test_labels_cover_each_answer_with_its_leading_space_and_eos():

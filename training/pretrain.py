@@ -122,6 +122,7 @@ class PretrainPreset:
     eval_table_tokens: int = 320     # a 6 x 4 table of "$340.4k"s, digits one token each, fits
     eval_batch: int = 256
     eval_reserve_s: float = 75.0  # kept free at the end of --deadline-s for the eval and the save
+    eval_glyphs: int = 600           # images of the glyph probe (pretrain_eval.glyph_probe)
     prior_charts: int = 3000
     test_seed: int = 424242
 
@@ -139,7 +140,7 @@ PRESETS = {
                                    Stage(24, "demo", default_share=0.3, read_share=0.3)),
                            tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
                            plan_minutes=60.0, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
-                           eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_table_tokens=24, eval_batch=32, eval_reserve_s=25.0,
+                           eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_table_tokens=24, eval_batch=32, eval_reserve_s=25.0, eval_glyphs=40,
                            prior_charts=150),
 }
 
@@ -392,7 +393,7 @@ def run(args) -> dict:
     from tokenizers import Tokenizer
 
     from training import pretrain_data as data
-    from training.pretrain_eval import evaluate, table
+    from training.pretrain_eval import evaluate, glyph_probe, table
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     weights = None
@@ -454,6 +455,7 @@ def run(args) -> dict:
         encode_prompt = lambda q: data.encode(tok, data.prompt_text(q), [], image_id, n_img)[0]  # noqa: E731
         result = evaluate(model, hf_tok, charts, encode_prompt, pixel_fn(processor, device), prior, device,
                           p.eval_batch, table_charts=p.eval_table_charts, table_tokens=p.eval_table_tokens)
+        result["glyph_probe"] = glyph_probe(model, pixel_fn(processor, device), device, p.eval_glyphs)
         result.update(step=state["step"], preset=p.name, held_out_kind=p.held_out, seen_kinds=list(seen),
                       look=final.look, test_seed=p.test_seed, params=n_params, train_seconds=state["train_seconds"],
                       device_seconds=round(sum(r.get("wall_s", 0) for r in state["runs"]), 1),

@@ -86,6 +86,9 @@ def random_line(rng: random.Random) -> str:
     return line
 
 
+CARD_FONTS = ("DejaVu Sans", "Liberation Sans", "DejaVu Serif")
+
+
 def reading_card(spec, rng: random.Random, size: int, random_text: float = 0.0):
     """A text-reading sample, the warm-up Pix2Struct and Donut learn to read from: the strings a chart of
     `spec` prints (title, axis labels, each category with its value as formatted on the chart) drawn as
@@ -108,7 +111,7 @@ def reading_card(spec, rng: random.Random, size: int, random_text: float = 0.0):
     ink = tuple(rng.randint(0, 90) for _ in range(3))
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)
-    family = rng.choice(("DejaVu Sans", "Liberation Sans", "DejaVu Serif"))
+    family = rng.choice(CARD_FONTS)
     lines, y = [], rng.randint(4, 24)
     for k, text in enumerate(strings):
         px = rng.randint(18, 30) if k == 0 else rng.randint(14, 24)

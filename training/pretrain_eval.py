@@ -10,12 +10,15 @@ Four numbers per family, on fresh test charts (another seed than training, the d
 - seen_default: the pretraining kinds drawn in the full default style range (smaller type, other sizes),
   padded and shrunk to the model's input as the studio does: how far the reading carries;
 - table: the chart -> data table target itself, on the first charts of each split: title, row labels
-  and value cells written back exactly.
+  and value cells written back exactly;
+- glyph_probe: whether the vision tower's features tell which digit is drawn where (a linear probe), next
+  to the raw pixels and a tower of the same shape with random weights.
 Scores are eval.metrics' relaxed accuracy (ChartQA's reference rule, and the normalized one), with
 questions ending in the benchmark's short-answer instruction, as `python -m eval run` asks them.
 """
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 
@@ -153,4 +156,114 @@ def table(result: dict) -> str:
             t = result[c]["table"]
             lines.append(f"data table, {c}: title {t['title']}%, row labels {t['labels']}%, values {t['values']}% "
                          f"({t['n']} charts)")
+    if "glyph_probe" in result:
+        g = result["glyph_probe"]
+        lines.append(f"glyph probe ({g['px']} px digits, chance 10%): pixels {g['pixels']}%, tower {g['tower']}%, "
+                     f"random tower {g['random_tower']}% ({g['n']} images)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- glyph probe
+GLYPHS = "0123456789"
+
+
+def glyph_cards(n: int, size: int, px: int, patch: int, seed: int):
+    """n images of one digit each in `px`-pixel type (the reading cards' fonts and colours) at a random
+    place at least two patches from the edges. Returns (uint8 n x size x size x 3, labels, centres)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from charts.canvas import DPI, _font
+    from training.pretrain_data import CARD_FONTS
+    rng = random.Random(f"{seed}:glyphs:{px}")
+    pixels, labels, centres = np.empty((n, size, size, 3), dtype=np.uint8), [], []
+    margin = max(px, 2 * patch)
+    for i in range(n):
+        img = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
+        label, x, y = rng.randrange(len(GLYPHS)), rng.randint(margin, size - margin), rng.randint(margin, size - margin)
+        ImageDraw.Draw(img).text((x, y), GLYPHS[label], fill=tuple(rng.randint(0, 90) for _ in range(3)),
+                                 font=_font(rng.choice(CARD_FONTS), px * 72 / DPI, False), anchor="mm")
+        pixels[i] = np.asarray(img)
+        labels.append(label)
+        centres.append((x, y))
+    return pixels, labels, centres
+
+
+def _probe_accuracy(x, y, n_train: int) -> float:
+    """A linear probe: ridge regression onto one-hot labels, fit on the first n_train rows (its penalty
+    chosen on the last fifth of them), scored on the rest: accuracy in %."""
+    import torch
+    x = x.double()
+    x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-5)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    onehot = torch.nn.functional.one_hot(y, len(GLYPHS)).double()
+
+    def fit(rows, lam):     # in the dual form when there are more features than rows
+        a, b = x[rows], onehot[rows]
+        if a.shape[0] < a.shape[1]:
+            return a.T @ torch.linalg.solve(a @ a.T + lam * torch.eye(a.shape[0], dtype=a.dtype, device=a.device), b)
+        return torch.linalg.solve(a.T @ a + lam * torch.eye(a.shape[1], dtype=a.dtype, device=a.device), a.T @ b)
+
+    def accuracy(w, rows) -> float:
+        return float(((x[rows] @ w).argmax(1) == y[rows]).double().mean())
+
+    cut = n_train * 4 // 5
+    lam = max((10.0 ** k for k in range(-1, 5)), key=lambda v: accuracy(fit(slice(0, cut), v), slice(cut, n_train)))
+    return round(100 * accuracy(fit(slice(0, n_train), lam), slice(n_train, None)), 1)
+
+
+def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int = 0, batch: int = 64) -> dict:
+    """Relaxed reading needs glyphs: can a linear probe tell which digit is drawn, from the tower's last-layer
+    features of the 3x3 patches around it (what the projector reads)? Against the same patches' pixels and
+    a tower of the same shape with random weights (what features carry without training). Accuracy in %
+    on the last quarter of `n` images; chance is 10."""
+    import torch
+    tower = model.model.vision_tower
+    size, patch = tower.config.image_size, tower.config.patch_size
+    grid = size // patch
+    pixels, labels, centres = glyph_cards(n, size, px, patch, seed)
+    torch.manual_seed(seed)
+    random_tower = type(tower)(tower.config).to(device=device, dtype=next(tower.parameters()).dtype).eval()
+    cells = [(cy // patch, cx // patch) for cx, cy in centres]
+    feats = {"pixels": [], "tower": [], "random_tower": []}
+    was_training = tower.training
+    tower.eval()
+    with torch.no_grad():
+        for b in range(0, n, batch):
+            pv = pixel_fn(torch.from_numpy(pixels[b:b + batch]).to(device))
+            for name, t in (("tower", tower), ("random_tower", random_tower)):
+                h = t(pixel_values=pv.to(next(t.parameters()).dtype), output_hidden_states=True).hidden_states[-1]
+                idx = torch.tensor([[1 + (gy + dy) * grid + gx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                                    for gy, gx in cells[b:b + batch]], device=device)
+                feats[name].append(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])).flatten(1).float())
+            feats["pixels"].append(torch.stack([pv[i, :, (gy - 1) * patch:(gy + 2) * patch,
+                                                   (gx - 1) * patch:(gx + 2) * patch].flatten()
+                                                for i, (gy, gx) in enumerate(cells[b:b + batch])]).float())
+    tower.train(was_training)
+    y = torch.tensor(labels, device=device)
+    n_train = n * 3 // 4
+    return {"px": px, "n": n, **{k: _probe_accuracy(torch.cat(v), y, n_train) for k, v in feats.items()}}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """python -m training.pretrain_eval MODEL_DIR: the glyph probe of an exported demo model, on this machine."""
+    import argparse
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from training.pretrain_model import pixel_fn
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("model_dir")
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--px", type=int, default=24)
+    a = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(a.model_dir, dtype=torch.float32).to(device).eval()
+    result = glyph_probe(model, pixel_fn(AutoProcessor.from_pretrained(a.model_dir), device), device, a.n, a.px)
+    print(result, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
