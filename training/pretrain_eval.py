@@ -213,8 +213,8 @@ def _probe_accuracy(x, y, n_train: int) -> float:
 
 
 def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int = 0, batch: int = 64) -> dict:
-    """Relaxed reading needs glyphs: can a linear probe tell which digit is drawn, from the tower's last-layer
-    features of the 3x3 patches around it (what the projector reads)? Against the same patches' pixels and
+    """Reading needs glyphs: can a linear probe tell which digit is drawn, from the tower's features (the
+    layer LLaVA passes to its projector) of the 3x3 patches around it? Against the same patches' pixels and
     a tower of the same shape with random weights (what features carry without training). Accuracy in %
     on the last quarter of `n` images; chance is 10."""
     import torch
@@ -222,8 +222,10 @@ def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int =
     size, patch = tower.config.image_size, tower.config.patch_size
     grid = size // patch
     pixels, labels, centres = glyph_cards(n, size, px, patch, seed)
-    torch.manual_seed(seed)
-    random_tower = type(tower)(tower.config).to(device=device, dtype=next(tower.parameters()).dtype).eval()
+    with torch.random.fork_rng(devices=[]):      # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        random_tower = type(tower)(tower.config).to(device=device, dtype=next(tower.parameters()).dtype).eval()
+    layer = model.config.vision_feature_layer
     cells = [(cy // patch, cx // patch) for cx, cy in centres]
     feats = {"pixels": [], "tower": [], "random_tower": []}
     was_training = tower.training
@@ -232,7 +234,7 @@ def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int =
         for b in range(0, n, batch):
             pv = pixel_fn(torch.from_numpy(pixels[b:b + batch]).to(device))
             for name, t in (("tower", tower), ("random_tower", random_tower)):
-                h = t(pixel_values=pv.to(next(t.parameters()).dtype), output_hidden_states=True).hidden_states[-1]
+                h = t(pixel_values=pv.to(next(t.parameters()).dtype), output_hidden_states=True).hidden_states[layer]
                 idx = torch.tensor([[1 + (gy + dy) * grid + gx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
                                     for gy, gx in cells[b:b + batch]], device=device)
                 feats[name].append(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])).flatten(1).float())
