@@ -453,9 +453,10 @@ def run(args) -> dict:
         prior = data.answer_prior(p.seed, final, p.held_out, p.prior_charts)
         image_id, n_img = tok.token_to_id(IMAGE), (p.image_size // p.patch_size) ** 2
         encode_prompt = lambda q: data.encode(tok, data.prompt_text(q), [], image_id, n_img)[0]  # noqa: E731
-        result = evaluate(model, hf_tok, charts, encode_prompt, pixel_fn(processor, device), prior, device,
+        to_pixels = pixel_fn(processor, device)
+        result = evaluate(model, hf_tok, charts, encode_prompt, to_pixels, prior, device,
                           p.eval_batch, table_charts=p.eval_table_charts, table_tokens=p.eval_table_tokens)
-        result["glyph_probe"] = glyph_probe(model, pixel_fn(processor, device), device, p.eval_glyphs)
+        result["glyph_probe"] = glyph_probe(model, to_pixels, device, p.eval_glyphs)
         result.update(step=state["step"], preset=p.name, held_out_kind=p.held_out, seen_kinds=list(seen),
                       look=final.look, test_seed=p.test_seed, params=n_params, train_seconds=state["train_seconds"],
                       device_seconds=round(sum(r.get("wall_s", 0) for r in state["runs"]), 1),
