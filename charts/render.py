@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .canvas import DPI, HA, INK, VA, Page, add_line, add_polygons, fresh_page, palette, rect
+from .canvas import DPI, HA, INK, VA, Page, add_line, add_polygons, fresh_page, glyph_centres, palette, rect
 from .spec import ChartSpec, format_value
 
 
@@ -471,6 +471,13 @@ def _page(spec: ChartSpec) -> Page:
 def render(spec: ChartSpec) -> bytes:
     """PNG bytes (RGB) of the chart, `style['width'] x style['height']` pixels."""
     return _page(spec).png()
+
+
+def render_glyphs(spec: ChartSpec) -> tuple[bytes, list[tuple[str, float, float]]]:
+    """render(spec) and where each character of its upright text lies (canvas.glyph_centres)."""
+    page = _page(spec)
+    placed = page.place()
+    return page.png(placed), glyph_centres(placed)
 
 
 def text_boxes(spec: ChartSpec) -> list[tuple[str, tuple[float, float, float, float], float]]:

@@ -36,6 +36,19 @@ def test_resume_continues_the_step_count_and_the_chart_stream(runs):
     assert saved["step"] == 7 and all((root / "b" / "ckpt" / n).exists() for n in saved["shards"])
 
 
+def test_the_glyph_head_is_kept_across_runs_and_never_exported(runs):
+    from safetensors.torch import load_file
+
+    from training.pretrain_model import GLYPH_HEAD, load_checkpoint
+    root = runs[0]
+    _, first = load_checkpoint(root / "a" / "ckpt")
+    _, second = load_checkpoint(root / "b" / "ckpt")
+    assert {k for k in first if k.startswith(GLYPH_HEAD)} == {GLYPH_HEAD + "weight", GLYPH_HEAD + "bias"}
+    exported = load_file(str(root / "hf" / "model.safetensors"))
+    assert not [k for k in exported if "glyph" in k] and exported
+    assert len([k for k in second if not k.startswith(GLYPH_HEAD)]) <= len(exported)
+
+
 def test_exported_model_loads_with_the_auto_classes_and_answers(runs):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -152,6 +165,68 @@ def test_random_text_cards_draw_lines_no_chart_prints_and_leave_plain_cards_as_t
     printed = {spec.title, spec.x_label, spec.y_label, *plain.split("\n")}
     assert text and not set(text.split("\n")) & printed and (pixels < 128).any()
     assert any(ch.isdigit() for ch in text)                                  # numbers too, not only words
+
+
+def test_glyph_targets_put_each_drawn_character_in_the_cell_under_its_ink():
+    import numpy as np
+
+    from charts.render import render_glyphs
+    from training.pretrain_data import NO_GLYPHS, StreamConfig, glyph_grid, reading_card, training_sample
+    spec, rng, _ = draw_chart(5, 0, Stage(0, "demo"), "hbar")
+    glyphs: list = []
+    pixels, text = reading_card(spec, rng, 384, glyphs=glyphs)
+    assert [ch for ch, _, _ in glyphs] == [ch for ch in text if not ch.isspace()]
+    png, chart_glyphs = render_glyphs(spec)
+    assert png == render(spec)                                         # the same chart, its glyphs beside it
+    chart = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(io.BytesIO(png)).convert("L"))
+    for image, found in ((pixels.min(axis=2), glyphs), (chart, chart_glyphs)):
+        inked = [image[int(y) - 4:int(y) + 5, int(x) - 4:int(x) + 5].min() < image.max() - 60 for _, x, y in found]
+        assert len(found) > 10 and sum(inked) >= 0.95 * len(found)     # ink within 4 px of each centre
+    grid = glyph_grid(glyphs, (384, 384), 384, 16)
+    assert grid.shape == (48, 48)
+    for ch, x, y in glyphs[:20]:
+        cell = grid[int(y // 8), int(x // 8)]
+        assert cell == ord(ch) - 32 or cell > 0                         # its cell (or a neighbour's char) is set
+    assert (grid > 0).sum() >= 0.8 * len(glyphs)
+    wide = glyph_grid([("7", 639.0, 10.0)], (640, 480), 384, 16)        # padded to 640 x 640, then shrunk
+    assert wide[int((10 + 80) * 0.6 // 8), int(639 * 0.6 // 8)] == ord("7") - 32
+    stages = (Stage(0, "demo", default_share=0.3, read_share=0.3), Stage(20, "demo", default_share=0.3,
+                                                                             read_share=0.3, glyph_targets=True))
+    tok = train_tokenizer(tokenizer_corpus(0, 30, stages, "hbar"), 300)
+    cfg = StreamConfig(seed=0, stages=stages, held_out="hbar", image_size=384, image_tokens=576, max_length=1200,
+                       qa_per_chart=2, table_share=0.0, instruct_share=0.0, tokenizer_json=tok.to_str())
+    samples = [training_sample(i, cfg, tok, tok.token_to_id("<image>")) for i in range(40)]
+    assert all((s["glyphs"] == NO_GLYPHS).all() for s in samples[:20])  # stages before glyph targets: none
+    later = samples[20:]
+    assert all((s["glyphs"] == NO_GLYPHS).all() == (s["look"] == "default") for s in later)
+    assert {s["look"] for s in later} >= {"read", "demo", "default"}
+
+
+def test_glyph_loss_reads_cells_from_patch_features_and_skips_images_without_targets():
+    import torch
+
+    from training.pretrain import glyph_loss
+    from training.pretrain_data import GLYPH_CLASSES, NO_GLYPHS
+    torch.manual_seed(0)
+    cells = torch.randint(0, GLYPH_CLASSES, (3, 8, 8), dtype=torch.uint8)
+    cells[:, ::2] = 0                                                   # empty cells too
+    # patch features that hold their 2 x 2 cells' classes one-hot: a linear head can read them exactly
+    per_patch = cells.view(3, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(3, 16, 4).long()
+    feats = torch.nn.functional.one_hot(per_patch, GLYPH_CLASSES).float().reshape(3, 16, 4 * GLYPH_CLASSES)
+    head = torch.nn.Linear(4 * GLYPH_CLASSES, 4 * GLYPH_CLASSES)
+    first = glyph_loss(head, feats, cells)[0].item()
+    with torch.no_grad():
+        head.weight.copy_(20 * torch.eye(4 * GLYPH_CLASSES))
+        head.bias.zero_()
+    loss, n, read = glyph_loss(head, feats, cells)
+    assert loss.item() < 0.01 < first and read == n == (cells > 0).sum()
+    blind = cells.clone()
+    blind[1] = NO_GLYPHS                                                # an image without targets
+    loss_blind, n_blind, _ = glyph_loss(head, feats, blind)
+    assert n_blind == (cells[[0, 2]] > 0).sum()
+    noise = feats.clone()
+    noise[1] = torch.randn_like(noise[1])
+    assert glyph_loss(head, noise, blind)[0].item() == pytest.approx(loss_blind.item(), abs=1e-6)
 
 
 def test_data_table_lists_every_category_and_value_as_printed():

@@ -49,9 +49,9 @@ from pathlib import Path
 
 from charts.io import append_jsonl, atomic_write_json
 from training.pretrain_data import IGNORE, IMAGE, TASK_QA, TASK_TABLE, Stage, StreamConfig
-from training.pretrain_model import (STATE, build_model, build_processor, check_encoding, check_fast_forward,
-                                     export_hf, hf_tokenizer, llava_hidden, load_checkpoint, model_config, pixel_fn,
-                                     save_checkpoint)
+from training.pretrain_model import (GLYPH_HEAD, STATE, build_model, build_processor, check_encoding,
+                                     check_fast_forward, export_hf, glyph_head, hf_tokenizer, image_features,
+                                     llava_hidden, load_checkpoint, model_config, pixel_fn, save_checkpoint)
 
 EASY_KINDS = ("bar", "pie", "line", "infographic")
 
@@ -82,6 +82,7 @@ class PretrainPreset:
     table_share: float = 0.9     # charts whose sequence ends with the data-table turn
     instruct_share: float = 0.5  # first questions ending with the benchmark's short-answer instruction
     qa_weight: float = 0.5       # loss = qa_weight * mean(QA tokens) + (1 - qa_weight) * mean(table tokens)
+    glyph_weight: float = 0.5    # ... + glyph_weight * glyph_loss, in stages with glyph targets
     # Curriculum by chart index (reproducible, whatever the speed): big type, few simple kinds first;
     # then every kind but the held-out one in the demo look; then a share of the full default style range.
     # At ~450 charts/s drawn, a GPU run draws ~190k charts: the third stage starts early in the second run.
@@ -90,10 +91,16 @@ class PretrainPreset:
     # Pix2Struct and Donut, with the chart's own strings in large type as the whole picture. Run 4 (to chart
     # 791,248) learned to write such cards but not to read them: it wrote some other chart's strings, which
     # the language prior predicts. From chart 800,000 half of a card's lines are random words and numbers.
+    # Run 5 (to chart 1,089,077) still read no values, and a linear probe found its tower told digits apart
+    # no better than random weights (pretrain_eval.glyph_probe): the answer loss, through the LM, never asked
+    # the tower for glyphs. From chart 1,090,000 every demo-look image also trains the tower directly on
+    # which character lies in each half-patch cell (glyph_loss; the renderer knows where it drew each one).
     stages: tuple = (Stage(0, "demo-easy", EASY_KINDS), Stage(30_000, "demo"),
                      Stage(250_000, "demo", default_share=0.15),
                      Stage(470_000, "demo", default_share=0.15, read_share=0.3),
-                     Stage(800_000, "demo", default_share=0.15, read_share=0.3, random_text=0.5))
+                     Stage(800_000, "demo", default_share=0.15, read_share=0.3, random_text=0.5),
+                     Stage(1_090_000, "demo", default_share=0.15, read_share=0.3, random_text=0.5,
+                           glyph_targets=True))
     tokenizer_charts: int = 3000
     # --- schedule: warmup, constant, then a linear decay over the last decay_share of the planned
     # training time (warmup-stable-decay). The plan is in minutes of training, summed over runs, because
@@ -137,7 +144,7 @@ PRESETS = {
                            text_hidden=32, text_layers=2, text_heads=2, text_kv_heads=1, text_mlp=64, vocab_size=400,
                            max_length=400, qa_per_chart=4,
                            stages=(Stage(0, "demo-easy", EASY_KINDS), Stage(12, "demo"),
-                                   Stage(24, "demo", default_share=0.3, read_share=0.3)),
+                                   Stage(24, "demo", default_share=0.3, read_share=0.3, glyph_targets=True)),
                            tokenizer_charts=150, batch_size=4, lr=3e-3, warmup_steps=2, resume_warmup_steps=2,
                            plan_minutes=60.0, buffer_charts=48, min_ready=8, loader_batch=4, log_seconds=0.0,
                            eval_seen_charts=8, eval_held_out_charts=4, eval_default_charts=4, eval_table_charts=2, eval_table_tokens=24, eval_batch=32, eval_reserve_s=25.0, eval_glyphs=40,
@@ -153,12 +160,13 @@ def to_device(x, device):
 
 
 class Replay:
-    """The last `capacity` charts on the GPU (uint8 images) with their token rows on the CPU. Batches
-    take every chart not yet trained on first, then fill up with random earlier ones."""
+    """The last `capacity` charts on the GPU (uint8 images and glyph cells) with their token rows on the
+    CPU. Batches take every chart not yet trained on first, then fill up with random earlier ones."""
 
-    def __init__(self, capacity: int, size: int, device):
+    def __init__(self, capacity: int, size: int, cells: int, device):
         import torch
         self.pixels = torch.empty((capacity, size, size, 3), dtype=torch.uint8, device=device)
+        self.glyphs = torch.empty((capacity, cells, cells), dtype=torch.uint8, device=device)
         self.rows: list = [None] * capacity
         self.capacity, self.filled, self.next, self.device = capacity, 0, 0, device
         self.fresh: deque[int] = deque()
@@ -168,7 +176,9 @@ class Replay:
         import torch
         n = len(batch["ids"])
         slots = [(self.next + k) % self.capacity for k in range(n)]
-        self.pixels[to_device(torch.tensor(slots), self.device)] = batch["pixels"].to(self.device, non_blocking=True)
+        at = to_device(torch.tensor(slots), self.device)
+        self.pixels[at] = batch["pixels"].to(self.device, non_blocking=True)
+        self.glyphs[at] = batch["glyphs"].to(self.device, non_blocking=True)
         for s, ids, labels, task in zip(slots, batch["ids"], batch["labels"], batch["task"]):
             self.rows[s] = (ids, labels, task)
         self.fresh.extend(slots)
@@ -225,6 +235,26 @@ def _batch(replay: Replay, slots: list[int], pad_id: int, p: PretrainPreset):
     return ids, pos, tgt[pos], weight, kind, int((ids != pad_id).sum())
 
 
+def glyph_loss(head, feats, cells):
+    """The glyph loss (Stage.glyph_targets): cross-entropy of each 2 x 2 cell's character class read by
+    `head` from its patch's features, as the mean over cells holding a character plus the mean over empty
+    ones, halved (most cells are empty); images without targets (NO_GLYPHS) count for nothing. No host
+    sync. Returns (loss, n_cells_with_a_character, n_of_them_read_right) as tensors."""
+    import torch
+
+    from training.pretrain_data import GLYPH_CLASSES, NO_GLYPHS
+    b, n, _ = feats.shape
+    g = int(n ** 0.5)
+    logits = head(feats).float().view(b, g, g, 2, 2, GLYPH_CLASSES).permute(0, 1, 3, 2, 4, 5)
+    logits = logits.reshape(-1, GLYPH_CLASSES)                     # the cells in (2g, 2g) row-major order
+    t = cells.reshape(-1).long()
+    known = t != NO_GLYPHS
+    ce = torch.nn.functional.cross_entropy(logits, torch.where(known, t, 0), reduction="none")
+    has, empty = (known & (t > 0)).float(), (known & (t == 0)).float()
+    loss = 0.5 * (ce * has).sum() / has.sum().clamp(min=1) + 0.5 * (ce * empty).sum() / empty.sum().clamp(min=1)
+    return loss, has.sum(), ((logits.argmax(1) == t).float() * has).sum()
+
+
 def lr_at(step: int, trained_s: float, p: PretrainPreset, plan_s: float, resumed_at: int | None) -> float:
     """Warmup over steps, then constant, then linear decay to min_lr_ratio over the plan's last seconds."""
     warm = min(1.0, (step + 1) / max(1, p.warmup_steps))
@@ -240,20 +270,23 @@ def log(msg: str, t0: float) -> None:
 
 
 # ---------------------------------------------------------------- training
-def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, out: Path, args, t0: float,
+def train(model, head, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, out: Path, args, t0: float,
           device) -> dict:
     """Train until the step budget, --steps, --minutes or the deadline; checkpoint every few minutes.
+    `head` is the glyph loss's read-out (glyph_loss), trained from the first stage with glyph targets.
     Updates and returns `state`."""
     import torch
     from training.pretrain_data import chart_loader
     cuda = device.type == "cuda"
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "embed" not in n]
-    rest = [q for n, q in model.named_parameters() if q.ndim < 2 or "embed" in n]
+    named = [*model.named_parameters(), *(("glyph_head." + n, q) for n, q in head.named_parameters())]
+    decay = [q for n, q in named if q.ndim >= 2 and "embed" not in n]
+    rest = [q for n, q in named if q.ndim < 2 or "embed" in n]
+    glyphs_on = p.glyph_weight > 0 and any(s.glyph_targets for s in p.stages)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=p.lr, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
     forward = torch.compile(model.model, dynamic=True) if args.compile else model.model
     to_pixels = pixel_fn(processor, device)
-    replay = Replay(p.buffer_charts, p.image_size, device)
+    replay = Replay(p.buffer_charts, p.image_size, 2 * (p.image_size // p.patch_size), device)
     loader = chart_loader(cfg, state["next_index"], args.workers, p.loader_batch)
     q: queue.Queue = queue.Queue(maxsize=max(8, 2 * args.workers))
     stop = threading.Event()
@@ -297,10 +330,13 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
     log(f"buffer ready: {replay.filled} charts in {t_start - t_wait:.1f}s; training from step {state['step']}", t0)
     budget_end = min(t_start + args.minutes * 60, t0 + args.deadline_s - (p.eval_reserve_s if not args.no_eval else 10))
     next_ckpt = t_start + p.checkpoint_minutes * 60
-    win = {"t": time.time(), "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
-           "n_qa": 0, "n_table": 0, "steps": 0}
+    def window(now: float) -> dict:
+        return {"t": now, "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
+                "n_qa": 0, "n_table": 0, "steps": 0, "glyph": 0.0, "glyphs": 0.0, "glyphs_read": 0.0}
+    win = window(time.time())
     trained = 0
     model.train()
+    head.train()
     while (trained_s0 + time.time() - t_start < plan_s and state["step"] - start_step < args.steps
            and time.time() < budget_end):
         pull(block=replay.filled == 0)
@@ -311,7 +347,8 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
         for g in opt.param_groups:
             g["lr"] = lr
         ids, pos, tgt, weight, kind_d = (to_device(x, device) for x in (ids, pos, tgt, weight, kind))
-        pv = to_pixels(replay.pixels[to_device(torch.tensor(slots), device)])
+        at = to_device(torch.tensor(slots), device)
+        pv = to_pixels(replay.pixels[at])
         if fast is None:
             image_at = int((ids_cpu[0] == image_id).nonzero()[0])
             fast = check_fast_forward(model, ids, pv, image_at, n_image) and not args.compile
@@ -319,16 +356,24 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
         if fast and not bool((ids_cpu[:, image_at] == image_id).all()):
             raise RuntimeError("a training row does not start with its image tokens")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            feats = image_features(model, pv) if fast or glyphs_on else None    # (LlavaModel's own: a 2nd pass)
             if fast:
-                h = llava_hidden(model, ids, pv, image_at, n_image)
+                h = llava_hidden(model, ids, pv, image_at, n_image, feats)
             else:
                 h = forward(input_ids=ids, pixel_values=pv, use_cache=False).last_hidden_state
             logits = model.lm_head(h[:, :-1].reshape(-1, h.shape[-1])[pos])
         per_tok = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="none")
         loss = (per_tok * weight).sum()
+        if glyphs_on:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                g_loss, g_n, g_read = glyph_loss(head, feats, replay.glyphs[at])
+            loss = loss + p.glyph_weight * g_loss
+            win["glyph"] = win["glyph"] + g_loss.detach()
+            win["glyphs"] = win["glyphs"] + g_n
+            win["glyphs_read"] = win["glyphs_read"] + g_read
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([q for _, q in named], 1.0)
         opt.step()
         state["step"] += 1
         win["steps"] += 1
@@ -347,6 +392,9 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
             rec = {"step": state["step"], "loss": round(float(win["loss"]) / win["steps"], 4),
                    "qa_loss": round(float(win["qa"]) / max(1, win["n_qa"]), 4),
                    "table_loss": round(float(win["table"]) / max(1, win["n_table"]), 4), "lr": round(lr, 6),
+                   **({"glyph_loss": round(float(win["glyph"]) / win["steps"], 4),
+                       "glyph_acc": round(float(win["glyphs_read"]) / max(1.0, float(win["glyphs"])), 4)}
+                      if glyphs_on else {}),
                    "charts_per_s": round(win["charts"] / dt, 1),
                    "fresh_charts_per_s": round((replay.added - win["added"]) / dt, 1),
                    "tokens_per_s": round(win["tokens"] / dt), "buffer": replay.filled,
@@ -355,12 +403,11 @@ def train(model, processor, p: PretrainPreset, state: dict, cfg: StreamConfig, o
             state["charts_trained"], state["charts_generated"] = trained0 + trained, generated0 + replay.added
             append_jsonl(out / "metrics.jsonl", rec)
             log(json.dumps(rec), t0)
-            win = {"t": now, "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
-                   "n_qa": 0, "n_table": 0, "steps": 0}
+            win = window(now)
         if now >= next_ckpt:       # a run killed after this point resumes from here, its plan time included
             state.update(kinds_trained=dict(kinds), looks_trained=dict(looks),
                          train_seconds=round(trained_s0 + now - t_start, 1))
-            save_checkpoint(model, state, out / "ckpt")
+            save_checkpoint(model, state, out / "ckpt", head)
             log(f"checkpoint at step {state['step']}", t0)
             next_ckpt = now + p.checkpoint_minutes * 60
     stop.set()
@@ -422,21 +469,27 @@ def run(args) -> dict:
     tok = Tokenizer.from_str(state["tokenizer"])
     processor = build_processor(p, hf_tok)
     check_encoding(processor, tok, p)
+    head_weights = {k[len(GLYPH_HEAD):]: weights.pop(k) for k in list(weights or {}) if k.startswith(GLYPH_HEAD)}
     model = build_model(state["model_config"], hf_tok, p.seed, weights).to(device)
+    head = glyph_head(p)
+    if head_weights:
+        head.load_state_dict({k: v.float() for k, v in head_weights.items()})
+    head = head.to(device)
     n_params = sum(t.numel() for t in model.parameters())
     log(f"preset {p.name}: {n_params / 1e6:.2f}M parameters ({n_params * 2 / 1e6:.1f} MB fp16), "
         f"{(p.image_size // p.patch_size) ** 2} image tokens, vocab {len(hf_tok)}, step {state['step']}, "
         f"device {device}", t0)
     cfg = StreamConfig(seed=p.seed, stages=p.stages, held_out=p.held_out, image_size=p.image_size,
-                       image_tokens=(p.image_size // p.patch_size) ** 2, max_length=p.max_length,
+                       image_tokens=(p.image_size // p.patch_size) ** 2, patch_size=p.patch_size,
+                       max_length=p.max_length,
                        qa_per_chart=p.qa_per_chart, table_share=p.table_share, instruct_share=p.instruct_share,
                        tokenizer_json=state["tokenizer"], parent_pid=os.getpid())
     trains = not args.eval_only and args.steps > 0
     if trains:
-        state = train(model, processor, p, state, cfg, out, args, t0, device)
+        state = train(model, head, processor, p, state, cfg, out, args, t0, device)
     if trains:
         state["runs"][-1]["wall_s"] = round(time.time() - t0, 1)
-    save_checkpoint(model, state, out / "ckpt")
+    save_checkpoint(model, state, out / "ckpt", head)
     log(f"checkpoint at step {state['step']} -> {out / 'ckpt'}", t0)
     result = {}
     if not args.no_eval:

@@ -27,6 +27,10 @@ IMAGE = "<image>"
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE]
 EOS = "</s>"
 TASK_QA, TASK_TABLE = 1, 2
+# Glyph targets (Stage.glyph_targets): each patch of the image is split into 2 x 2 cells, and each cell's
+# class is the character whose ink centre lies in it: 0 none, 1-94 the printable ASCII characters, 95 any
+# other; NO_GLYPHS marks an image without targets (a chart in the default look).
+GLYPH_CLASSES, NO_GLYPHS = 96, 255
 
 
 # ---------------------------------------------------------------- curriculum
@@ -38,6 +42,7 @@ class Stage:
     default_share: float = 0.0     # share of charts drawn in the full default style range instead
     read_share: float = 0.0        # share of samples that are reading cards (reading_card) instead of charts
     random_text: float = 0.0       # share of a card's lines drawn at random (words, numbers), not the chart's
+    glyph_targets: bool = False    # every demo-look image also carries where each character is (glyph_grid)
 
 
 def stage_of(stages: tuple[Stage, ...], index: int) -> Stage:
@@ -89,16 +94,17 @@ def random_line(rng: random.Random) -> str:
 CARD_FONTS = ("DejaVu Sans", "Liberation Sans", "DejaVu Serif")
 
 
-def reading_card(spec, rng: random.Random, size: int, random_text: float = 0.0):
+def reading_card(spec, rng: random.Random, size: int, random_text: float = 0.0, glyphs: list | None = None):
     """A text-reading sample, the warm-up Pix2Struct and Donut learn to read from: the strings a chart of
     `spec` prints (title, axis labels, each category with its value as formatted on the chart) drawn as
     lines of 14-30 px type (a letter 1-2 patches high) at random places on a plain light background; with
-    `random_text`, that share of the lines are random_line()s instead.
+    `random_text`, that share of the lines are random_line()s instead. With a `glyphs` list, each drawn
+    character's (char, x, y) ink centre is appended to it (charts.canvas.glyph_centres).
     Returns (uint8 size x size x 3 pixels, the lines drawn, top to bottom, one per text line)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from charts.canvas import DPI, _font
+    from charts.canvas import DPI, _font, glyph_centres
     from charts.spec import format_value
     values = next(iter(spec.series.values()), [])
     strings = [f"{c} {format_value(v, spec.fmt)}" for c, v in zip(spec.categories, values)]
@@ -125,10 +131,29 @@ def reading_card(spec, rng: random.Random, size: int, random_text: float = 0.0):
             width = draw.textlength(text, font=font)
         if y + px * 1.3 > size or width > size - 8:
             continue
-        draw.text((rng.randint(4, int(size - 4 - width)), y), text, fill=ink, font=font)
+        xy = (rng.randint(4, int(size - 4 - width)), y)
+        draw.text(xy, text, fill=ink, font=font)
+        if glyphs is not None:
+            glyphs += glyph_centres([(text, xy, "la", font, ink, 0)])
         lines.append(text)
         y += int(px * rng.uniform(1.3, 2.2))
     return np.asarray(img, dtype=np.uint8), "\n".join(lines)
+
+
+def glyph_grid(glyphs: list, source: tuple[int, int], size: int, patch: int):
+    """uint8 (2g, 2g) cell classes (GLYPH_CLASSES) of an image of `source` (w, h) pixels shown as
+    chart_pixels() shows it (padded to a square, resized to `size`), g = size // patch patches a side."""
+    import numpy as np
+    cells = 2 * (size // patch)
+    grid = np.zeros((cells, cells), dtype=np.uint8)
+    side = max(source)
+    dx, dy, scale = (side - source[0]) // 2, (side - source[1]) // 2, size / side
+    cell = patch / 2
+    for ch, x, y in glyphs:
+        i, j = int((y + dy) * scale // cell), int((x + dx) * scale // cell)
+        if 0 <= i < cells and 0 <= j < cells:
+            grid[i, j] = ord(ch) - 32 if 33 <= ord(ch) <= 126 else GLYPH_CLASSES - 1
+    return grid
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -226,6 +251,7 @@ class StreamConfig:
     table_share: float
     instruct_share: float
     tokenizer_json: str
+    patch_size: int = 16
     parent_pid: int = 0            # the trainer: workers stop when it is gone
 
 
@@ -242,19 +268,29 @@ def _alive(pid: int) -> bool:
 
 
 def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
+    import numpy as np
+
     from charts.dataset import SHORT_ANSWER_INSTRUCTION
     from charts.questions import make_questions
-    from charts.render import render
+    from charts.render import render_glyphs
     from charts.tables import TABLE_PROMPTS, data_table
     stage = stage_of(cfg.stages, index)
     spec, rng, look = draw_chart(index, cfg.seed, stage, cfg.held_out)
+    cells = 2 * (cfg.image_size // cfg.patch_size)
+    no_glyphs = np.full((cells, cells), NO_GLYPHS, dtype=np.uint8)
     if stage.read_share and rng.random() < stage.read_share:
-        pixels, text = reading_card(spec, rng, cfg.image_size, stage.random_text)
+        glyphs: list = []
+        pixels, text = reading_card(spec, rng, cfg.image_size, stage.random_text, glyphs)
         if text:      # (on a tiny image no line may fit: then the chart it came from)
             ids, labels, task = encode(tok, *chat_text([(READ_PROMPT, text, TASK_TABLE)]), image_id, cfg.image_tokens)
+            grid = (glyph_grid(glyphs, (cfg.image_size,) * 2, cfg.image_size, cfg.patch_size)
+                    if stage.glyph_targets else no_glyphs)
             return {"index": index, "kind": spec.kind, "look": "read", "pixels": pixels, "ids": ids[:cfg.max_length],
-                    "labels": labels[:cfg.max_length], "task": task[:cfg.max_length]}
-    png = render(spec)
+                    "labels": labels[:cfg.max_length], "task": task[:cfg.max_length], "glyphs": grid}
+    png, glyphs = render_glyphs(spec)
+    # in the default look, type shrunk to a fraction of a patch gives cells of several characters each
+    grid = (glyph_grid(glyphs, (spec.style["width"], spec.style["height"]), cfg.image_size, cfg.patch_size)
+            if stage.glyph_targets and look != "default" else no_glyphs)
     qas = make_questions(spec, rng)
     rng.shuffle(qas)
     turns = [(q.question, q.answer, TASK_QA) for q in qas[:cfg.qa_per_chart]]
@@ -269,7 +305,7 @@ def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
         turns.pop(-2 if turns[-1][2] == TASK_TABLE and len(turns) > 1 else -1)
     return {"index": index, "kind": spec.kind, "look": look,
             "pixels": chart_pixels(png, cfg.image_size), "ids": ids[:cfg.max_length],
-            "labels": labels[:cfg.max_length], "task": task[:cfg.max_length]}
+            "labels": labels[:cfg.max_length], "task": task[:cfg.max_length], "glyphs": grid}
 
 
 def _tokenizer(cfg: StreamConfig):
@@ -290,7 +326,7 @@ def collate(samples: list[dict]) -> dict:
     """Images stacked, token rows kept ragged; numpy, not tensors, so a batch travels through the worker's
     pipe rather than /dev/shm (often 64 MB in containers: DataLoader tensors would overflow it)."""
     import numpy as np
-    return {"pixels": np.stack([s["pixels"] for s in samples]),
+    return {"pixels": np.stack([s["pixels"] for s in samples]), "glyphs": np.stack([s["glyphs"] for s in samples]),
             "ids": [s["ids"] for s in samples], "labels": [s["labels"] for s in samples],
             "task": [s["task"] for s in samples], "index": [s["index"] for s in samples],
             "kind": [s["kind"] for s in samples], "look": [s["look"] for s in samples]}
@@ -298,8 +334,8 @@ def collate(samples: list[dict]) -> dict:
 
 def to_torch(batch: dict, pin: bool) -> dict:
     """A collated batch as tensors (images pinned for an asynchronous copy to the GPU)."""
-    pixels = torch.from_numpy(batch["pixels"])
-    out = dict(batch, pixels=pixels.pin_memory() if pin else pixels)
+    pixels, glyphs = torch.from_numpy(batch["pixels"]), torch.from_numpy(batch["glyphs"])
+    out = dict(batch, pixels=pixels.pin_memory() if pin else pixels, glyphs=glyphs.pin_memory() if pin else glyphs)
     for key in ("ids", "labels", "task"):
         out[key] = [torch.from_numpy(a) for a in batch[key]]
     return out

@@ -17,6 +17,7 @@ from charts.io import atomic_write_json
 from training.pretrain_data import IMAGE
 
 STATE = "state.json"
+GLYPH_HEAD = "glyph_head."      # checkpoint prefix of the training-only glyph head (never exported)
 SHARD_BYTES = 15_000_000        # under the 16 MiB a file may be to come back from the GPU machine
 
 
@@ -83,9 +84,20 @@ def build_model(config: dict, tokenizer, seed: int, weights: dict | None = None)
     return model
 
 
+def glyph_head(p):
+    """The glyph loss's linear read-out: a patch's tower features, layer-normed (the residual stream of a
+    tower without its post-layernorm runs to hundreds), -> the classes of its 2 x 2 cells
+    (pretrain_data.GLYPH_CLASSES). Only training uses it; what it teaches stays in the tower."""
+    import torch
+
+    from training.pretrain_data import GLYPH_CLASSES
+    return torch.nn.Sequential(torch.nn.LayerNorm(p.vision_hidden), torch.nn.Linear(p.vision_hidden, 4 * GLYPH_CLASSES))
+
+
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(model, state: dict, ckpt: Path) -> None:
-    """fp16 weights in shards of <= SHARD_BYTES (tied lm_head stored once) + state.json, swapped in whole."""
+def save_checkpoint(model, state: dict, ckpt: Path, extra=None) -> None:
+    """fp16 weights in shards of <= SHARD_BYTES (tied lm_head stored once) + state.json, swapped in whole;
+    `extra` is a training-only module (the glyph head) stored beside the model under its GLYPH_HEAD prefix."""
     import torch
     from safetensors.torch import save_file
     tmp = ckpt.with_name(ckpt.name + ".partial")
@@ -93,7 +105,10 @@ def save_checkpoint(model, state: dict, ckpt: Path) -> None:
     tmp.mkdir(parents=True)
     seen, shards, cur, size = set(), [], {}, 0
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    for name, t in model.state_dict().items():
+    tensors = dict(model.state_dict())
+    if extra is not None:
+        tensors.update({GLYPH_HEAD + k: v for k, v in extra.state_dict().items()})
+    for name, t in tensors.items():
         # the tied lm_head is the embedding: stored once, re-tied on load (by name too, not only by storage)
         if t.data_ptr() in seen or (tied and name == "lm_head.weight"):
             continue
@@ -140,16 +155,21 @@ def export_hf(model, processor, out_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the training forward
-def llava_hidden(model, ids, pixel_values, image_at: int, n_image: int):
+def image_features(model, pixel_values):
+    """The tower's patch features that LLaVA projects (its vision_feature_layer, CLS dropped)."""
+    vision = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    feats = vision.hidden_states[model.config.vision_feature_layer]
+    return feats[:, 1:] if model.config.vision_feature_select_strategy == "default" else feats
+
+
+def llava_hidden(model, ids, pixel_values, image_at: int, n_image: int, feats=None):
     """LlavaModel's forward for sequences whose image tokens all sit at [image_at, image_at + n_image)
     (every training row starts "USER: <image>"): the projected image features are concatenated in place
-    instead of masked_scatter, skipping its per-step host sync. `check_fast_forward` compares the two."""
+    instead of masked_scatter, skipping its per-step host sync. `check_fast_forward` compares the two.
+    `feats`: image_features(model, pixel_values) when the caller has them already."""
     import torch
     lm = model.model
-    vision = lm.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    feats = vision.hidden_states[model.config.vision_feature_layer]
-    if model.config.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]
+    feats = image_features(model, pixel_values) if feats is None else feats
     embeds = lm.get_input_embeddings()(ids)
     feats = lm.multi_modal_projector(feats).to(embeds.dtype)
     embeds = torch.cat([embeds[:, :image_at], feats, embeds[:, image_at + n_image:]], dim=1)
