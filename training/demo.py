@@ -121,6 +121,20 @@ def train_demo_adapter(workspace: str | Path, base: str | Path, on_progress=None
     return Path(result["adapter"])
 
 
+def _relative_base(config_path: Path) -> None:
+    """A base inside the checkout is named relative to its root ("assets/demo-llava"), so the shipped
+    adapter's config names no path of the machine that trained it."""
+    import json
+
+    from charts.io import atomic_write_json
+    root = Path(__file__).resolve().parent.parent
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    base = Path(config.get("base_model_name_or_path") or "")
+    if base.is_absolute() and base.resolve().is_relative_to(root):
+        config["base_model_name_or_path"] = base.resolve().relative_to(root).as_posix()
+        atomic_write_json(config_path, config)
+
+
 def main(argv=None) -> None:
     from eval.demo import SHIPPED_MODEL
 
@@ -137,6 +151,7 @@ def main(argv=None) -> None:
         tmp.mkdir(parents=True)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             shutil.copy2(adapter / name, tmp / name)
+        _relative_base(tmp / "adapter_config.json")
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         adapter = out
