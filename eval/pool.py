@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -117,7 +118,11 @@ class ModelPool:
 
     def unload(self, wait: float = 0.0) -> int:
         """Forget every idle engine (its memory is freed once no backend refers to it); returns how many.
-        `wait`: seconds to let each engine's worker end (before a process exits)."""
+        `wait`: seconds to let engines finish the batch they are on, and each worker end (before a process
+        exits: a worker still inside torch when the interpreter finalizes aborts it)."""
+        deadline = time.monotonic() + wait
+        while wait and any(e.busy for e in list(self._engines.values())) and time.monotonic() < deadline:
+            time.sleep(0.01)       # a stream's last token reaches its reader before the batch ends
         with self._lock:
             idle = [k for k, e in self._engines.items() if not e.busy]
             for k in idle:

@@ -263,6 +263,22 @@ def test_pool_loads_once_per_options_and_unloads(demo_model):
     assert pool.unload() == 1 and pool.loaded() == []
 
 
+def test_unload_before_exit_waits_for_an_engine_finishing_its_batch():
+    import threading
+
+    class Engine:        # a worker that delivered its last token and is still leaving its batch
+        busy, closed = True, None
+
+        def close(self, wait=0.0):
+            self.closed = wait
+
+    pool, engine = ModelPool(), Engine()
+    pool._engines["k"] = engine
+    threading.Timer(0.2, setattr, (engine, "busy", False)).start()
+    assert pool.unload(wait=5.0) == 1 and engine.closed == 5.0       # closed and joined, not left running
+    assert pool.loaded() == []
+
+
 def test_adapter_trained_on_another_base_name_warns(demo_model, adapter, tmp_path, requests_):
     other = tmp_path / "other"
     other.mkdir()

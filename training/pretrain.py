@@ -23,6 +23,9 @@ What it trains on: charts drawn by charts/ in DataLoader worker processes while 
 (training/pretrain_data.py), each chart one sequence of its questions plus its data table (the
 Pix2Struct / MatCha / DePlot target: the table makes the model read every label and value, where a
 question asks about one), answer-only loss, the kinds and looks of a curriculum, one kind held out.
+In the curriculum's last stage the vision tower also has a loss of its own, `glyph_loss`: which character
+lies in each half-patch cell of the image, where the renderer drew it (the answers alone never taught the
+tower to tell digits apart).
 
 Why a hand-written loop, not the HF Trainer: the data is an endless stream fed through a GPU-resident
 replay buffer (generation on 16 cores is slower than training, so each chart is used a few times while
@@ -330,6 +333,7 @@ def train(model, head, processor, p: PretrainPreset, state: dict, cfg: StreamCon
     log(f"buffer ready: {replay.filled} charts in {t_start - t_wait:.1f}s; training from step {state['step']}", t0)
     budget_end = min(t_start + args.minutes * 60, t0 + args.deadline_s - (p.eval_reserve_s if not args.no_eval else 10))
     next_ckpt = t_start + p.checkpoint_minutes * 60
+
     def window(now: float) -> dict:
         return {"t": now, "charts": 0, "tokens": 0, "added": replay.added, "loss": 0.0, "qa": 0.0, "table": 0.0,
                 "n_qa": 0, "n_table": 0, "steps": 0, "glyph": 0.0, "glyphs": 0.0, "glyphs_read": 0.0}
