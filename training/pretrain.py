@@ -281,7 +281,7 @@ def train(model, head, processor, p: PretrainPreset, state: dict, cfg: StreamCon
     import torch
     from training.pretrain_data import chart_loader
     cuda = device.type == "cuda"
-    named = [*model.named_parameters(), *(("glyph_head." + n, q) for n, q in head.named_parameters())]
+    named = [*model.named_parameters(), *((GLYPH_HEAD + n, q) for n, q in head.named_parameters())]
     decay = [q for n, q in named if q.ndim >= 2 and "embed" not in n]
     rest = [q for n, q in named if q.ndim < 2 or "embed" in n]
     glyphs_on = p.glyph_weight > 0 and any(s.glyph_targets for s in p.stages)

@@ -272,7 +272,7 @@ def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
 
     from charts.dataset import SHORT_ANSWER_INSTRUCTION
     from charts.questions import make_questions
-    from charts.render import render_glyphs
+    from charts.render import render, render_glyphs
     from charts.tables import TABLE_PROMPTS, data_table
     stage = stage_of(cfg.stages, index)
     spec, rng, look = draw_chart(index, cfg.seed, stage, cfg.held_out)
@@ -287,10 +287,12 @@ def training_sample(index: int, cfg: StreamConfig, tok, image_id: int) -> dict:
                     if stage.glyph_targets else no_glyphs)
             return {"index": index, "kind": spec.kind, "look": "read", "pixels": pixels, "ids": ids[:cfg.max_length],
                     "labels": labels[:cfg.max_length], "task": task[:cfg.max_length], "glyphs": grid}
-    png, glyphs = render_glyphs(spec)
     # in the default look, type shrunk to a fraction of a patch gives cells of several characters each
-    grid = (glyph_grid(glyphs, (spec.style["width"], spec.style["height"]), cfg.image_size, cfg.patch_size)
-            if stage.glyph_targets and look != "default" else no_glyphs)
+    if stage.glyph_targets and look != "default":
+        png, glyphs = render_glyphs(spec)
+        grid = glyph_grid(glyphs, (spec.style["width"], spec.style["height"]), cfg.image_size, cfg.patch_size)
+    else:
+        png, grid = render(spec), no_glyphs
     qas = make_questions(spec, rng)
     rng.shuffle(qas)
     turns = [(q.question, q.answer, TASK_QA) for q in qas[:cfg.qa_per_chart]]

@@ -218,6 +218,8 @@ def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int =
     a tower of the same shape with random weights (what features carry without training). Accuracy in %
     on the last quarter of `n` images; chance is 10."""
     import torch
+
+    from training.pretrain_model import image_features
     tower = model.model.vision_tower
     size, patch = tower.config.image_size, tower.config.patch_size
     grid = size // patch
@@ -225,7 +227,6 @@ def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int =
     with torch.random.fork_rng(devices=[]):      # the caller's random state stays as it was
         torch.manual_seed(seed)
         random_tower = type(tower)(tower.config).to(device=device, dtype=next(tower.parameters()).dtype).eval()
-    layer = model.config.vision_feature_layer
     cells = [(cy // patch, cx // patch) for cx, cy in centres]
     feats = {"pixels": [], "tower": [], "random_tower": []}
     was_training = tower.training
@@ -234,8 +235,8 @@ def glyph_probe(model, pixel_fn, device, n: int = 600, px: int = 24, seed: int =
         for b in range(0, n, batch):
             pv = pixel_fn(torch.from_numpy(pixels[b:b + batch]).to(device))
             for name, t in (("tower", tower), ("random_tower", random_tower)):
-                h = t(pixel_values=pv.to(next(t.parameters()).dtype), output_hidden_states=True).hidden_states[layer]
-                idx = torch.tensor([[1 + (gy + dy) * grid + gx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                h = image_features(model, pv.to(next(t.parameters()).dtype), t)
+                idx = torch.tensor([[(gy + dy) * grid + gx + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
                                     for gy, gx in cells[b:b + batch]], device=device)
                 feats[name].append(h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1])).flatten(1).float())
             feats["pixels"].append(torch.stack([pv[i, :, (gy - 1) * patch:(gy + 2) * patch,

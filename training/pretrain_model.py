@@ -155,9 +155,11 @@ def export_hf(model, processor, out_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the training forward
-def image_features(model, pixel_values):
-    """The tower's patch features that LLaVA projects (its vision_feature_layer, CLS dropped)."""
-    vision = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+def image_features(model, pixel_values, tower=None):
+    """The tower's patch features that LLaVA projects (its vision_feature_layer, CLS dropped); `tower`: another
+    tower of the same shape in the model's place (the glyph probe's random control)."""
+    tower = model.model.vision_tower if tower is None else tower
+    vision = tower(pixel_values, output_hidden_states=True, return_dict=True)
     feats = vision.hidden_states[model.config.vision_feature_layer]
     return feats[:, 1:] if model.config.vision_feature_select_strategy == "default" else feats
 
