@@ -53,6 +53,24 @@ def test_the_glyph_head_is_kept_across_runs_and_never_exported(runs):
     assert len([k for k in second if not k.startswith(GLYPH_HEAD)]) <= len(exported)
 
 
+def test_an_exported_model_resumes_like_its_checkpoint(runs):
+    """A shipped folder (assets/demo-llava) is enough to train on: its pretraining.json is the state and
+    its weights the model's, so the step count, the chart stream and the weights carry on."""
+    import torch
+
+    from training.pretrain_model import GLYPH_HEAD, PRETRAINING, load_checkpoint
+    root, _, second = runs
+    saved = json.loads((root / "hf" / PRETRAINING).read_text())
+    assert saved["step"] == 7 and "tokenizer" not in saved
+    state, weights = load_checkpoint(root / "hf")
+    _, ckpt = load_checkpoint(root / "b" / "ckpt")
+    assert state["next_index"] == second["state"]["next_index"]
+    assert all(torch.equal(weights[k], v) for k, v in ckpt.items() if not k.startswith(GLYPH_HEAD))
+    again = main(["--resume", str(root / "hf"), "--out", str(root / "d"), "--steps", "1", "--workers", "1",
+                  "--no-eval", "--deadline-s", "120"])
+    assert again["state"]["step"] == 8 and [r["steps"] for r in again["state"]["runs"]][-1] == [7, 8]
+
+
 def test_exported_model_loads_with_the_auto_classes_and_answers(runs):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor

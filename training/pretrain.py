@@ -530,7 +530,7 @@ def run(args) -> dict:
             f"in {result['eval_seconds']}s -> {out / 'eval.json'}", t0)
     if args.hf_dir:
         from training.pretrain_card import write_card
-        export_hf(model, processor, Path(args.hf_dir))
+        export_hf(model, processor, Path(args.hf_dir), state)
         if result:
             write_card(result, state, Path(args.hf_dir))
         log(f"exported the model and processor{' and its card' if result else ''} to {args.hf_dir}", t0)
@@ -555,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a PRESETS key (default: the checkpoint's, else demo)")
     ap.add_argument("--out", required=True, help="output folder: ckpt/, metrics.jsonl, eval.json")
-    ap.add_argument("--resume", help="a checkpoint folder (OUT/ckpt of an earlier run) to continue from")
+    ap.add_argument("--resume", help="a checkpoint folder (OUT/ckpt of an earlier run) or an exported model "
+                                     "(--hf-dir, e.g. assets/demo-llava) to continue from")
     ap.add_argument("--minutes", type=float, default=8.0, help="training time of this run")
     ap.add_argument("--deadline-s", type=float, default=540.0,
                     help="wall-clock budget of the whole run from start, the eval and the save included")

@@ -17,6 +17,7 @@ from charts.io import atomic_write_json
 from training.pretrain_data import IMAGE
 
 STATE = "state.json"
+PRETRAINING = "pretraining.json"  # an exported folder's training state: it resumes like a checkpoint
 GLYPH_HEAD = "glyph_head."      # checkpoint prefix of the training-only glyph head (never exported)
 SHARD_BYTES = 15_000_000        # under the 16 MiB a file may be to come back from the GPU machine
 
@@ -134,21 +135,37 @@ def save_checkpoint(model, state: dict, ckpt: Path, extra=None) -> None:
 
 
 def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
+    """(state, fp16 weights) of a checkpoint folder, or of a folder export_hf wrote (such as assets/demo-llava):
+    its pretraining.json, tokenizer and config are the state, its weights the model's (no glyph head)."""
+    import torch
     from safetensors.torch import load_file
-    state = json.loads((Path(ckpt) / STATE).read_text(encoding="utf-8"))
+    ckpt = Path(ckpt)
+    if not (ckpt / STATE).exists() and (ckpt / PRETRAINING).exists():
+        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        config.pop("dtype", None)       # the export's storage type: training builds the model in fp32
+        state = {**json.loads((ckpt / PRETRAINING).read_text(encoding="utf-8")), "model_config": config,
+                 "tokenizer": (ckpt / "tokenizer.json").read_text(encoding="utf-8")}
+        from transformers import LlavaForConditionalGeneration     # its own mapping of the hub key names
+        model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float16)
+        return state, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
     weights = {}
     for n in state["shards"]:
-        weights.update(load_file(str(Path(ckpt) / n)))
+        weights.update(load_file(str(ckpt / n)))
     return state, weights
 
 
-def export_hf(model, processor, out_dir: Path) -> Path:
-    """The model in fp16 + its processor in the standard layout (what assets/demo-llava ships)."""
+def export_hf(model, processor, out_dir: Path, state: dict | None = None) -> Path:
+    """The model in fp16 + its processor in the standard layout (what assets/demo-llava ships), and with
+    `state` its pretraining.json, so that a later run can resume from the folder itself."""
     import torch
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     copy.deepcopy(model).to("cpu", dtype=torch.float16).save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if state is not None:
+        atomic_write_json(tmp / PRETRAINING, {k: v for k, v in state.items()
+                                              if k not in ("tokenizer", "model_config", "shards")})
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
