@@ -310,6 +310,14 @@ def test_export_writes_a_model_card_from_the_eval_numbers(runs):
     assert f"**{result['seen']['relaxed']:.1f}**" in text and "Device time" in text
 
 
+def test_an_export_without_eval_takes_its_card_from_a_runs_eval_json(runs):
+    """How a GPU run's checkpoint is shipped: exported on the CPU, its card from the run's eval.json."""
+    root = runs[0]
+    main(["--resume", str(root / "b" / "ckpt"), "--steps", "0", "--no-eval", "--out", str(root / "e"),
+          "--card-from", str(root / "b" / "eval.json"), "--hf-dir", str(root / "hf2")])
+    assert (root / "hf2" / "README.md").read_text() == (root / "hf" / "README.md").read_text()
+
+
 def test_learning_rate_warms_up_holds_then_decays_over_the_planned_minutes():
     from training.pretrain import lr_at
     p = PRESETS["demo"]

@@ -530,6 +530,8 @@ def run(args) -> dict:
             f"in {result['eval_seconds']}s -> {out / 'eval.json'}", t0)
     if args.hf_dir:
         from training.pretrain_card import write_card
+        if not result and args.card_from:        # a GPU run's eval.json, for an export made elsewhere
+            result = json.loads(Path(args.card_from).read_text(encoding="utf-8"))
         export_hf(model, processor, Path(args.hf_dir), state)
         if result:
             write_card(result, state, Path(args.hf_dir))
@@ -568,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-only", action="store_true", help="no training: score --resume's checkpoint")
     ap.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     ap.add_argument("--hf-dir", help="also write the model + processor here in the Hugging Face layout")
+    ap.add_argument("--card-from", metavar="EVAL_JSON",
+                    help="with --hf-dir and --no-eval: write the model card from this eval.json (a GPU run's)")
     ap.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="override preset fields, e.g. batch_size=128")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
     ap.add_argument("--device", help="cuda / cpu (default: cuda when available)")

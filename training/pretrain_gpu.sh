@@ -3,7 +3,8 @@
 #
 #     bash training/pretrain_gpu.sh            # MINUTES=8 DEADLINE_S=530 WORKERS=15 by default
 #
-# Resumes from .gpu/demo-ckpt/ when it holds a checkpoint (carry that folder), else starts from scratch.
+# Resumes from .gpu/demo-ckpt/ when it holds a checkpoint (carry that folder), else from --resume FOLDER when given
+# (an exported model such as assets/demo-llava continues from its pretraining.json), else starts from scratch.
 # Writes to $OUT (at most 8 files, all under 16 MiB: what a run may send back): ckpt/ (fp16 weight shards
 # + state.json), metrics.jsonl, eval.json, log.txt. For the next run, copy $OUT/ckpt/ to .gpu/demo-ckpt/.
 # Extra arguments go to python -m training.pretrain (e.g. --plan-minutes 24 to train past the 14-minute plan).
