@@ -66,6 +66,8 @@ def test_an_exported_model_resumes_like_its_checkpoint(runs):
     _, ckpt = load_checkpoint(root / "b" / "ckpt")
     assert state["next_index"] == second["state"]["next_index"]
     assert all(torch.equal(weights[k], v) for k, v in ckpt.items() if not k.startswith(GLYPH_HEAD))
+    with pytest.raises(FileNotFoundError, match="neither a pretraining checkpoint"):
+        load_checkpoint(root / "a")                     # a run's output folder, not its ckpt/
     again = main(["--resume", str(root / "hf"), "--out", str(root / "d"), "--steps", "1", "--workers", "1",
                   "--no-eval", "--deadline-s", "120"])
     assert again["state"]["step"] == 8 and [r["steps"] for r in again["state"]["runs"]][-1] == [7, 8]

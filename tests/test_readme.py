@@ -43,6 +43,10 @@ SKIP = {
     "# same handler as the endpoint": "a server that never exits; the block below runs it in the background",
     "python -m training.serving deploy": "creates a paid SageMaker endpoint",
     "python -m training.serving delete": "deletes a SageMaker endpoint",
+    "training/pretrain_gpu.sh": "pretrains on a CUDA GPU, ~9 minutes a run (tests/test_pretrain.py runs the "
+                                "same path with the tiny preset, the resume from an exported folder included)",
+    "--card-from OUT/eval.json": "exports a GPU run's checkpoint, which needs that run (tests/test_pretrain.py "
+                                 "exports one with its card)",
     "python app.py": "starts the studio; its environment is checked by a side-by-side against sagemaker:chartqa-r1",
 }
 

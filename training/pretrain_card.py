@@ -101,7 +101,8 @@ def card(result: dict, state: dict) -> str:
         "## How it was trained",
         "",
         f"- `python -m training.pretrain --preset {state.get('preset', 'demo')}` (seed {state.get('seed', 0)}), "
-        f"{sum(r.get('runs', 1) for r in runs)} run(s), each resumed from the last one's checkpoint, {state.get('step', 0):,} steps, "
+        f"{sum(r.get('runs', 1) for r in runs)} run(s), each resumed from the last one's checkpoint, "
+        f"{state.get('step', 0):,} steps, "
         f"{state.get('charts_trained', 0):,} chart passes over {state.get('charts_generated', 0):,} generated charts.",
         "- Each chart is one sequence: its questions (one per family, shuffled) and, for most charts, its data "
         "table as the last answer (the chart-to-table target of Pix2Struct / MatCha / DePlot); loss on answers only.",

@@ -148,6 +148,9 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
         from transformers import LlavaForConditionalGeneration     # its own mapping of the hub key names
         model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float16)
         return state, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if not (ckpt / STATE).exists():
+        raise FileNotFoundError(f"{ckpt} is neither a pretraining checkpoint ({STATE}) nor a model that "
+                                f"training/pretrain.py exported ({PRETRAINING})")
     state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
     weights = {}
     for n in state["shards"]:
