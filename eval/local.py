@@ -126,6 +126,8 @@ class Engine:
         self.warnings_for: dict[str, list[str]] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._held: deque = deque()
+        self._closed = False                      # close() was called: no job is taken after it
+        self._submit_lock = threading.Lock()      # a job is either queued before close()'s stop or refused
         self.busy = False
         self.batches = 0                          # forward batches run (both Compare sides share one)
         self.last_used = time.monotonic()
@@ -402,11 +404,17 @@ class Engine:
 
     def close(self, wait: float = 0.0) -> None:
         """Stop the worker once its queue is done; `wait` s for it to end (before exiting: not inside torch)."""
-        self._jobs.put(None)
+        with self._submit_lock:
+            self._closed = True
+            self._jobs.put(None)
         self._worker.join(wait)
 
     def submit(self, job: _Job) -> _Job:
-        self._jobs.put(job)
+        with self._submit_lock:
+            if self._closed:     # a job queued after the stop would wait forever
+                raise RuntimeError(f"{_display_name(self.base)} was unloaded from memory to make room for another "
+                                   "model; open it again")
+            self._jobs.put(job)
         return job
 
     def generate(self, requests: list[Request], slots: list[int], extra: dict | None = None) -> list[str]:

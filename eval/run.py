@@ -416,7 +416,9 @@ def run_eval(data: str | Path, models: list[str], out: str | Path, *, split: str
     total, done_all, started = len(questions) * len(models), 0, time.perf_counter()
     if open_backend is None:
         from eval.pool import ModelPool
-        open_backend = (pool or ModelPool()).backend
+        # every local base of the run stays loaded until it ends: a smaller pool would close one in use
+        bases = {ModelPool._engine_key(r.target, r.options) for r in refs if r.kind == "local"}
+        open_backend = (pool or ModelPool(max_engines=max(2, len(bases)))).backend
     summaries: list[dict | None] = [None] * len(refs)
     members, opened = [], []
     for index, (parsed, slug, meta) in enumerate(zip(refs, slugs, metas)):

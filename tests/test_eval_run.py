@@ -212,6 +212,21 @@ def test_real_tiny_llava_runs_batched_and_deterministic(tmp_path, demo_model):
     assert [r["prediction"] for r in rows_a] == [r["prediction"] for r in rows_b]
 
 
+def test_three_local_bases_in_one_run_all_answer(tmp_path, demo_model):
+    """More bases than the pool's default two: none is unloaded while the run still asks it (it hung)."""
+    import shutil
+    import threading
+    data = make_chartqa(tmp_path / "data", n=2)
+    copies = [shutil.copytree(demo_model, tmp_path / name) for name in ("second", "third")]
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        out=run_eval(data, [f"local:{demo_model}", *(f"local:{c}" for c in copies)], tmp_path / "ev")), daemon=True)
+    worker.start()
+    worker.join(240)
+    assert "out" in result, "the run did not finish"
+    assert [s["n"] for s in result["out"]] == [2, 2, 2] and not any(s["n_errors"] for s in result["out"])
+
+
 class EchoFirstWord(FakeBackend):
     def generate(self, requests):
         self.calls.append(len(requests))

@@ -254,12 +254,14 @@ def test_model_generate_path_gives_the_same_answers(demo_model, adapter, request
     assert singles(tuned, requests_) == fast
 
 
-def test_pool_loads_once_per_options_and_unloads(demo_model):
+def test_pool_loads_once_per_options_and_unloads(demo_model, requests_):
     pool = ModelPool(max_engines=1)
     a = pool.backend(f"local:{demo_model}")
     assert pool.backend(f"local:{demo_model}").engine is a.engine
     b = pool.backend(f"local:{demo_model}", device="cpu")      # other options: another engine; LRU evicts a
     assert b.engine is not a.engine and [e["base"] for e in pool.loaded()] == [str(demo_model)]
+    with pytest.raises(RuntimeError, match="unloaded"):        # not a job queued to a stopped worker, forever
+        a.generate(requests_[:1])
     assert pool.unload() == 1 and pool.loaded() == []
 
 
