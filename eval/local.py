@@ -412,8 +412,7 @@ class Engine:
     def submit(self, job: _Job) -> _Job:
         with self._submit_lock:
             if self._closed:     # a job queued after the stop would wait forever
-                raise RuntimeError(f"{_display_name(self.base)} was unloaded from memory to make room for another "
-                                   "model; open it again")
+                raise RuntimeError(f"{_display_name(self.base)} was unloaded to make room for another model; open it again")
             self._jobs.put(job)
         return job
 

@@ -140,7 +140,9 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
     import torch
     from safetensors.torch import load_file
     ckpt = Path(ckpt)
-    if not (ckpt / STATE).exists() and (ckpt / PRETRAINING).exists():
+    if (ckpt / STATE).exists():
+        state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
+    elif (ckpt / PRETRAINING).exists():
         config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
         config.pop("dtype", None)       # the export's storage type: training builds the model in fp32
         state = {**json.loads((ckpt / PRETRAINING).read_text(encoding="utf-8")), "model_config": config,
@@ -148,10 +150,9 @@ def load_checkpoint(ckpt: Path) -> tuple[dict, dict]:
         from transformers import LlavaForConditionalGeneration     # its own mapping of the hub key names
         model = LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float16)
         return state, {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if not (ckpt / STATE).exists():
+    else:
         raise FileNotFoundError(f"{ckpt} is neither a pretraining checkpoint ({STATE}) nor a model that "
                                 f"training/pretrain.py exported ({PRETRAINING})")
-    state = json.loads((ckpt / STATE).read_text(encoding="utf-8"))
     weights = {}
     for n in state["shards"]:
         weights.update(load_file(str(ckpt / n)))
