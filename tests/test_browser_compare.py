@@ -26,7 +26,8 @@ def test_upload_ask_and_see_base_and_adapter_answers(studio_page, tmp_path):
         && !document.body.innerText.includes('· streaming') && !document.body.innerText.includes('waiting…')""",
                            timeout=60_000)
     a, b = answers(page)
-    assert a and b and a != b, (a, b)       # the demo adapter changes this answer (base 10.5k, adapter 11.5k)
+    # the demo adapter changes this answer (run 11: base 484.9k, adapter 294.9k; gold 391.2k, neither reads it)
+    assert a and b and a != b, (a, b)
     assert "\ufffd" not in a + b            # readable text, not bytes
     page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
 
