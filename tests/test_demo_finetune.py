@@ -1,11 +1,13 @@
-"""The "demo-cpu" preset teaches the shipped model the chart kind held out of its pretraining (hbar), on a
-small budget: 20 of the preset's 45 steps on the demo dataset, then the gold answers of hbar test charts
-it never saw are more likely under base + LoRA than under the base (teacher-forced answer loss, the
-quantity the fine-tune optimises; relaxed accuracy moves by ~6 points on the full run, see docs/BENCHMARKS.md
-"Demo model", too few for a steady assertion on a few dozen questions). ~1.5 min on 2 CPU cores."""
+"""The "demo-cpu" preset teaches the shipped model the chart kind held out of its pretraining (hbar): the whole
+preset (45 steps, ~2.3 min on 2 CPU cores) on the demo dataset, then base and base + LoRA answer 240 questions
+on 30 fresh hbar charts through `python -m eval run` and `eval compare`, as docs/BENCHMARKS.md "Demo model (CPU)"
+measures it (+23.75 points, 95% CI +17.1 .. +30.4), and the gold answers of the demo test charts are more
+likely under base + LoRA (the quantity the fine-tune optimises). ~4 min on 2 CPU cores."""
 import contextlib
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,10 +17,14 @@ from training.config import preset
 from training.demo import DEMO_INSTRUCT_SHARE, DEMO_KIND, ensure_demo_dataset
 from training.train import train
 
-STEPS = 20
 N_QUESTIONS = 24
-# mean answer loss in nats per token: 20 steps drop it 1.81 -> 1.20 on the shipped run-11 model (1.52 -> 1.13 on run 8)
+# mean answer loss in nats per token after the whole preset on the shipped run-14 model: see the test's print
 MIN_DROP = 0.03
+# relaxed accuracy on 240 fresh hbar questions: 21.25 -> 45.0 (+23.75, CI +17.1 .. +30.4) on the 2-core CI machine;
+# the bound leaves room for other CPUs' float rounding, not for a fine-tune that only learns answer priors (+6)
+MIN_LIFT = 12.0
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def demo_data(tmp_path_factory):
 def tuned(demo_model, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-finetune")
     cfg = preset("demo-cpu", model=str(demo_model), data=str(demo_data), output_dir=str(out / "run"),
-                 max_steps=STEPS, eval_limit=0, save_steps=STEPS)
+                 eval_limit=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, threads))
     try:
@@ -72,7 +78,7 @@ def test_demo_dataset_is_the_held_out_kind_in_multi_turn_records(demo_data):
     assert {s: (demo_data / f"{s}.jsonl").read_bytes() for s in files} == files
 
 
-def test_a_short_demo_run_makes_held_out_answers_more_likely(demo_model, demo_data, tuned):
+def test_the_demo_run_makes_held_out_answers_more_likely(demo_model, demo_data, tuned):
     import charts
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -88,3 +94,19 @@ def test_a_short_demo_run_makes_held_out_answers_more_likely(demo_model, demo_da
     print(f"answer loss {sum(base) / len(base):.3f} -> {sum(after) / len(after):.3f}, "
           f"{sum(a < b for a, b in zip(after, base))} of {len(base)} lower")
     assert drop >= MIN_DROP, f"answer loss {sum(base) / len(base):.3f} -> {sum(after) / len(after):.3f}"
+
+
+def test_the_demo_run_lifts_relaxed_accuracy_on_fresh_held_out_charts(demo_model, tuned, tmp_path):
+    def cli(*args):
+        subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True, text=True, timeout=600)
+
+    cli("charts", "generate", "--n", "30", "--kinds", DEMO_KIND, "--seed", "1000", "--look", "demo",
+        "--split", "0,0,1", "--qa-per-chart", "8", "--out", str(tmp_path / "test"))
+    cli("eval", "run", "--data", str(tmp_path / "test"), "--split", "test", "--model", f"local:{demo_model}",
+        "--model", f"local:{demo_model}+{tuned}", "--out", str(tmp_path / "ev"))
+    runs = sorted(p.parent for p in (tmp_path / "ev").glob("*/summary.json"))
+    base, adapted = sorted(runs, key=lambda r: "+" in r.name)
+    cli("eval", "compare", str(base), str(adapted), "--out", str(tmp_path / "paired.json"))
+    paired = json.loads((tmp_path / "paired.json").read_text())
+    print(f"hbar relaxed accuracy {paired['a']} -> {paired['b']} ({paired['delta']:+}, CI {paired['ci95']})")
+    assert paired["n"] == 240 and paired["delta"] >= MIN_LIFT and paired["ci95"][0] > 0, paired
