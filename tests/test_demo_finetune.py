@@ -18,7 +18,7 @@ from training.demo import DEMO_INSTRUCT_SHARE, DEMO_KIND, ensure_demo_dataset
 from training.train import train
 
 N_QUESTIONS = 24
-# mean answer loss in nats per token: the whole preset drops it 1.89 -> 0.92 on the shipped run-14 model (19 of 24 lower)
+# mean answer loss in nats per token: the whole preset drops it 1.89 -> 0.92 on the run-14 model (19 of 24 lower)
 MIN_DROP = 0.3
 # relaxed accuracy on 240 fresh hbar questions: 21.25 -> 45.0 (+23.75, CI +17.1 .. +30.4) on a 2-core CPU;
 # the bound leaves room for other CPUs' float rounding, not for a fine-tune that only learns answer priors (+6)
@@ -104,8 +104,7 @@ def test_the_demo_run_lifts_relaxed_accuracy_on_fresh_held_out_charts(demo_model
         "--split", "0,0,1", "--qa-per-chart", "8", "--out", str(tmp_path / "test"))
     cli("eval", "run", "--data", str(tmp_path / "test"), "--split", "test", "--model", f"local:{demo_model}",
         "--model", f"local:{demo_model}+{tuned}", "--out", str(tmp_path / "ev"))
-    runs = sorted(p.parent for p in (tmp_path / "ev").glob("*/summary.json"))
-    base, adapted = sorted(runs, key=lambda r: "+" in r.name)
+    base, adapted = sorted((p.parent for p in (tmp_path / "ev").glob("*/summary.json")), key=lambda r: "+" in r.name)
     cli("eval", "compare", str(base), str(adapted), "--out", str(tmp_path / "paired.json"))
     paired = json.loads((tmp_path / "paired.json").read_text())
     print(f"hbar relaxed accuracy {paired['a']} -> {paired['b']} ({paired['delta']:+}, CI {paired['ci95']})")
