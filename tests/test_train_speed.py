@@ -107,6 +107,24 @@ def test_chunked_loss_leaves_the_loss_curve_of_a_run_equal(demo_model, dataset, 
     assert reference_curve == pytest.approx(curve(tmp_path), abs=1e-4)
 
 
+def test_a_model_without_boolean_logits_to_keep_trains_on_the_stock_loss(demo_model, dataset, tmp_path,
+                                                                          reference_curve, monkeypatch, capsys):
+    # transformers 5.17's LLaVA (the GPU image's) slices hidden_states[:, logits_to_keep] and raises IndexError
+    from transformers import LlavaForConditionalGeneration
+
+    real = LlavaForConditionalGeneration.forward
+
+    def old_forward(self, *args, logits_to_keep=0, **kwargs):
+        if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+            raise IndexError("too many indices for tensor of dimension 3")
+        return real(self, *args, logits_to_keep=logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "forward", old_forward)
+    train(quick(demo_model, dataset, tmp_path, loss_impl="chunked", **CURVE))
+    assert "the rest of the run uses the stock loss (loss_impl hf)" in capsys.readouterr().out
+    assert reference_curve == pytest.approx(curve(tmp_path), abs=1e-4)
+
+
 def test_bf16_adapters_track_the_fp32_curve_within_three_percent(demo_model, dataset, tmp_path):
     # Two steps of one sample each (bf16 autocast is slow on a CPU): the first loss is before any update, the
     # second after one update of bf16 (or fp32) adapter weights.

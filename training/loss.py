@@ -24,6 +24,11 @@ CHUNK = 1024        # tokens per chunk: 1024 x 32064 fp32 logits = 131 MB, the m
 LOSS_IMPLS = ("chunked", "liger", "hf")
 
 
+class MaskUnsupported(RuntimeError):
+    """The model (or the installed transformers) cannot be asked for the answer positions alone; the
+    trainer then falls back to the stock loss (loss_impl hf)."""
+
+
 def answer_positions(labels):
     """(keep, targets): keep[b, t] is True where position t predicts a labelled token labels[b, t+1];
     targets are those tokens in the row-major order of hidden_states[keep]."""
@@ -100,11 +105,14 @@ def answer_loss(model, inputs: dict, impl: str, num_items_in_batch=None):
     rest = {k: v for k, v in inputs.items() if k != "labels"}
     head = output_head(model)
     with head_input(head) as seen:
-        outputs = model(**rest, logits_to_keep=keep)
-    hidden = seen["hidden"]
-    if hidden.ndim != 2 or hidden.shape[0] != targets.numel():
-        raise RuntimeError(f"loss_impl {impl}: the model ignored the boolean logits_to_keep mask (its head got "
-                           f"{tuple(hidden.shape)}); use loss_impl hf with this model or transformers")
+        try:
+            outputs = model(**rest, logits_to_keep=keep)
+        except (IndexError, TypeError) as e:    # transformers < 5.23 LLaVA slices hidden_states[:, logits_to_keep]
+            raise MaskUnsupported(f"the model's forward does not take a boolean logits_to_keep mask ({e})") from e
+    hidden = seen.get("hidden")
+    if hidden is None or hidden.ndim != 2 or hidden.shape[0] != targets.numel():
+        got = "no call of its head" if hidden is None else f"its head got {tuple(hidden.shape)}"
+        raise MaskUnsupported(f"the model ignored the boolean logits_to_keep mask ({got})")
     if targets.numel() == 0:
         total = hidden.sum() * 0.0      # no answer token: a zero that still reaches backward
     else:

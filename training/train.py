@@ -210,8 +210,14 @@ def _trainer_class():
             if self.loss_impl == "hf" or not model.training or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
-            from training.loss import answer_loss
-            loss, outputs = answer_loss(model, inputs, self.loss_impl, num_items_in_batch)
+            from training.loss import MaskUnsupported, answer_loss
+            try:
+                loss, outputs = answer_loss(model, inputs, self.loss_impl, num_items_in_batch)
+            except MaskUnsupported as e:     # nothing was backpropagated: the stock loss takes this batch over
+                print(f"loss_impl {self.loss_impl}: {e}; the rest of the run uses the stock loss (loss_impl hf)",
+                      flush=True)
+                self.loss_impl = "hf"
+                return self.compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # As Trainer.compute_loss scales a loss normalised by num_items_in_batch (counted over all ranks):
             # DDP averages the gradients across ranks.
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
