@@ -61,32 +61,35 @@ VARIANTS = {
 }
 
 
-def draw(out: Path, **settings) -> Path:
+def draw(out: Path, **settings) -> None:
     import charts
     if not (out / "dataset.json").exists():
-        charts.generate(out_dir=str(out), **settings)
-    return out
+        charts.generate(**settings)
 
 
 def datasets(out: Path, variants: list[str], test_seeds: list[int], seen: bool) -> dict:
+    """{"train": {data overrides as JSON: folder}, "tests": {name: folder}}, each drawn if missing."""
     from training.demo import DEMO_KIND, DEMO_LOOK, demo_dataset_settings
-    sets = {}
+
+    def test_set(kinds, n, seed):
+        return dict(n=n, kinds=kinds, seed=seed, look=DEMO_LOOK, split=(0, 0, 1), qa_per_chart=8)
+
+    train, tests, todo = {}, {}, []
     for name in variants:
         data = VARIANTS[name][1]
-        settings = {**demo_dataset_settings(out / "data" / "x"), **data, "workers": os.cpu_count()}
-        settings.pop("out_dir")
         key = json.dumps(data, sort_keys=True)
-        folder = "train-" + ("-".join(f"{k}{v}" for k, v in sorted(data.items())) or "demo")
-        sets.setdefault(("train", key), (out / "data" / folder, settings))
-    tests = {f"hbar-{s}": (out / "data" / f"hbar-{s}", dict(n=30, kinds=[DEMO_KIND], seed=s, look=DEMO_LOOK,
-                                                               split=(0, 0, 1), qa_per_chart=8, workers=os.cpu_count()))
-             for s in test_seeds}
+        if key not in train:
+            train[key] = out / "data" / ("train-" + ("-".join(f"{k}{v}" for k, v in sorted(data.items())) or "demo"))
+            todo.append((train[key], {**demo_dataset_settings(train[key]), **data}))
+    for seed in test_seeds:
+        tests[f"hbar-{seed}"] = out / "data" / f"hbar-{seed}"
+        todo.append((tests[f"hbar-{seed}"], test_set([DEMO_KIND], 30, seed)))
     if seen:
-        tests["seen-1000"] = (out / "data" / "seen-1000", dict(n=33, kinds=SEEN_KINDS, seed=1000, look=DEMO_LOOK,
-                                                               split=(0, 0, 1), qa_per_chart=8, workers=os.cpu_count()))
-    for path, settings in list(sets.values()) + list(tests.values()):
-        draw(path, **settings)
-    return {"train": {k[1]: v[0] for k, v in sets.items()}, "tests": {k: v[0] for k, v in tests.items()}}
+        tests["seen-1000"] = out / "data" / "seen-1000"
+        todo.append((tests["seen-1000"], test_set(SEEN_KINDS, 33, 1000)))
+    for path, settings in todo:
+        draw(path, **{**settings, "out_dir": str(path), "workers": os.cpu_count()})
+    return {"train": train, "tests": tests}
 
 
 def score(model: str, test: Path, out: Path, options: dict) -> dict:
@@ -98,6 +101,7 @@ def score(model: str, test: Path, out: Path, options: dict) -> dict:
 
 def job(args) -> None:
     """One (variant, seed): train, then score on every test set; OUT/runs/NAME-sSEED/result.json."""
+    from charts.io import atomic_write_json
     from training.config import preset
     from training.train import train
     spec = json.loads(args.job)
@@ -111,7 +115,7 @@ def job(args) -> None:
     train_s = time.perf_counter() - started
     model = f"local:{spec['base']}+{result['adapter']}"
     scores = {name: score(model, Path(test), run / "eval" / name, spec["options"]) for name, test in spec["tests"].items()}
-    (run / "result.json").write_text(json.dumps({**spec, "train_s": train_s, "scores": scores}, indent=1))
+    atomic_write_json(run / "result.json", {**spec, "train_s": train_s, "scores": scores})
 
 
 def main(argv=None) -> None:
