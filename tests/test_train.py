@@ -91,6 +91,28 @@ def test_fallback_mask_equals_the_template_mask_on_the_demo_model(processor):
     assert torch.equal(template["labels"], fallback["labels"])
 
 
+def test_a_template_mask_on_image_tokens_gives_way_to_the_answer_characters(processor, monkeypatch):
+    # transformers 5.17 marks the answers' positions of the unexpanded prompt: the first image tokens
+    from PIL import Image
+    images = [Image.new("RGB", (64, 64))]
+    fallback = encode(processor, to_messages(MULTI), images, use_template_mask=False)
+    real = processor.apply_chat_template
+
+    def misplaced(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if "assistant_masks" not in getattr(out, "keys", lambda: ())():
+            return out                                   # the fallback's text rendering
+        ids = out["input_ids"][0]
+        shifted = torch.zeros_like(ids)
+        shifted[(ids == processor.image_token_id).nonzero()[:2, 0]] = 1
+        out["assistant_masks"] = shifted[None]
+        return out
+
+    monkeypatch.setattr(processor, "apply_chat_template", misplaced)
+    sample = encode(processor, to_messages(MULTI), images, use_template_mask=True)
+    assert torch.equal(sample["labels"], fallback["labels"])
+
+
 def test_fallback_adds_an_eos_after_answers_when_the_template_has_none(demo_model):
     from PIL import Image
     from transformers import AutoProcessor

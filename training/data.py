@@ -102,7 +102,10 @@ def encode(processor, messages: list[dict], images: list, use_template_mask: boo
         mask = out.pop("assistant_masks")[0].bool()
         _extend_over_spaces(mask, ids, processor.tokenizer)
         labels = ids.masked_fill(~mask, IGNORE)
-        if not mask.any():      # some transformers versions lose the mask (e.g. long image prompts)
+        # Some transformers versions lose the mask (e.g. long image prompts); 5.17 puts it where the answers sat
+        # before the image token was expanded, on image tokens. Either way the answers are found by characters.
+        image_id = _image_token_id(processor)
+        if not mask.any() or (image_id is not None and bool(mask[ids == image_id].any())):
             out, labels = fallback_labels(processor, messages, images)
     else:
         out, labels = fallback_labels(processor, messages, images)
