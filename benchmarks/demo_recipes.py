@@ -9,7 +9,7 @@ run as separate processes, `--workers` at a time (on a GPU many fit beside each 
 The test sets are `charts generate --seed S --kinds hbar --look demo --split 0,0,1 --qa-per-chart 8` for each
 `--test-seeds` S (1000 is the set docs/BENCHMARKS.md reports). Prints the table (mean and spread over seeds of
 the lift on each test set, the seen-kind score when --seen) and writes OUT/results.json; finished jobs are kept,
-so a rerun into the same OUT only runs what is missing.
+so a rerun into the same OUT only runs what is missing or was made with other settings.
 
 Models are scored as eval.run opens them: float32 on a CPU, bfloat16 on a GPU (where the base scores 21.25 on
 hbar-1000, as on the 2-core CPU of docs/BENCHMARKS.md, whose fp32 figures differ by a few answers between CPUs).
@@ -144,18 +144,19 @@ def main(argv=None) -> None:
         base_scores[name] = score(f"local:{args.base}", Path(test), out / "base" / name, options)
     env = {"OMP_NUM_THREADS": "2", **os.environ}         # 2 threads a job: on 2 cores, or 8 jobs on 16
 
+    extra = {"max_steps": args.max_steps} if args.max_steps else {}
+
     def launch(variant_seed):
         variant, seed = variant_seed
         run = out / "runs" / f"{variant}-s{seed}"
-        if (run / "result.json").exists():
+        if done(run, args.base, tests, extra):
             return
         if args.deadline_s and time.perf_counter() - started > args.deadline_s:
             return
         run.mkdir(parents=True, exist_ok=True)
         data = sets["train"][json.dumps(VARIANTS[variant][1], sort_keys=True)]
         spec = {"variant": variant, "seed": seed, "run": str(run), "base": args.base, "data": str(data),
-                "tests": tests, "options": options,
-                "extra": {"max_steps": args.max_steps} if args.max_steps else {}}
+                "tests": tests, "options": options, "extra": extra}
         with open(run / "log.txt", "w") as log:
             subprocess.run([sys.executable, __file__, "--out", str(out), "--job", json.dumps(spec)], env=env,
                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
@@ -163,36 +164,41 @@ def main(argv=None) -> None:
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(launch, jobs))
-    failed = [f"{v}-s{s}" for v, s in jobs if (out / "runs" / f"{v}-s{s}" / "log.txt").exists()
-              and not (out / "runs" / f"{v}-s{s}" / "result.json").exists()]
-    if failed:
-        print(f"{len(failed)} job(s) failed, see OUT/runs/NAME/log.txt: {', '.join(failed)}")
-    report(out, base_scores)
-
-
-def report(out: Path, base_scores: dict) -> None:
     results: dict[str, list[dict]] = {}
-    for path in sorted(out.glob("runs/*/result.json")):
-        r = json.loads(path.read_text())
-        results.setdefault(r["variant"], []).append(r)
+    for variant, seed in jobs:
+        run = out / "runs" / f"{variant}-s{seed}"
+        if done(run, args.base, tests, extra):
+            results.setdefault(variant, []).append(json.loads((run / "result.json").read_text()))
+        elif (run / "log.txt").exists():
+            print(f"{run.name} failed, see {run / 'log.txt'}")
+    report(out, base_scores, results)
+
+
+def done(run: Path, base: str, tests: dict, extra: dict) -> bool:
+    """Whether RUN holds the result of a job with these settings (one made with others is run again)."""
+    path = run / "result.json"
+    if not path.exists():
+        return False
+    r = json.loads(path.read_text())
+    return (r["base"], r["tests"], r["extra"]) == (base, tests, extra)
+
+
+def report(out: Path, base_scores: dict, results: dict[str, list[dict]]) -> None:
+    from charts.io import atomic_write_json
     tests = list(base_scores)
-    head = ("| variant | seeds | train s | " + " | ".join(f"{t} lift (mean, min..max)" for t in tests)
-            + f" | {tests[0]} vs shipped |")
+    lifts = {v: {t: [r["scores"][t]["acc"] - base_scores[t]["acc"] for r in rows] for t in tests}
+             for v, rows in results.items()}
     print("base: " + ", ".join(f"{t} {base_scores[t]['acc']:.2f}" for t in tests))
-    print(head)
+    print("| variant | seeds | train s | " + " | ".join(f"{t} lift (mean, min..max)" for t in tests)
+          + f" | {tests[0]} vs shipped |")
     print("|" + "---|" * (4 + len(tests)))
-    mean_lift = {v: statistics.mean(r["scores"][tests[0]]["acc"] for r in rows) - base_scores[tests[0]]["acc"]
-                 for v, rows in results.items()}
-    for variant in [v for v in VARIANTS if v in results]:
-        rows = results[variant]
-        cells = []
-        for t in tests:
-            lifts = [r["scores"][t]["acc"] - base_scores[t]["acc"] for r in rows]
-            cells.append(f"{statistics.mean(lifts):+.1f} ({min(lifts):+.1f}..{max(lifts):+.1f})")
+    for variant, rows in results.items():
+        cells = [f"{statistics.mean(x):+.1f} ({min(x):+.1f}..{max(x):+.1f})" for x in lifts[variant].values()]
+        versus = (f"{statistics.mean(lifts[variant][tests[0]]) - statistics.mean(lifts['shipped'][tests[0]]):+.1f}"
+                  if "shipped" in lifts else "-")
         train_s = statistics.mean(r["train_s"] for r in rows)
-        versus = f"{mean_lift[variant] - mean_lift['shipped']:+.1f}" if "shipped" in mean_lift else "-"
         print(f"| {variant} | {len(rows)} | {train_s:.0f} | " + " | ".join(cells) + f" | {versus} |")
-    (out / "results.json").write_text(json.dumps({"base": base_scores, "runs": results}, indent=1))
+    atomic_write_json(out / "results.json", {"base": base_scores, "runs": results})
 
 
 if __name__ == "__main__":

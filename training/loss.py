@@ -12,7 +12,8 @@ computed from those hidden states:
 - `liger`: Liger's fused linear cross-entropy kernel (GPU; the head must be a plain Linear), else `chunked`.
 
 Both return what the model's own loss returns: the summed token losses over `num_items_in_batch` (the
-Trainer's count over the accumulated batch) or, without it, their mean.
+Trainer's count over the accumulated batch) or, without it, their mean. A model whose forward cannot take
+the mask (LLaVA in transformers 5.17) raises MaskUnsupported, and the trainer goes on with the stock loss.
 """
 from __future__ import annotations
 
